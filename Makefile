@@ -1,0 +1,42 @@
+# edgemoe: `make demo` and `make test` do all set-up on a fresh machine (Python 3.11, a C++
+# compiler, make). Everything installs into the project virtualenv $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned here, not in pyproject: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgemoe-installed
+OUT ?= out
+
+.PHONY: venv demo test test-full bench clean help
+
+help:
+	@echo "make demo       end-to-end run on the built-in preset (outputs under $(OUT)/)"
+	@echo "make test       default test suite (fast; full-size RTL runs are in test-full)"
+	@echo "make test-full  full-size RTL and long runs (pytest -m full)"
+	@echo "make bench      benchmarks that print figures"
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sim.demo --out $(OUT)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-full: $(STAMP)
+	$(PY) -m pytest -q -m full $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m sim.bench
+
+clean:
+	rm -rf $(OUT) sim_build build .pytest_cache

@@ -1,0 +1,1 @@
+"""Amaranth generators for the accelerator's units and top, Verilog/RTLIL export, synthesis."""

@@ -1,0 +1,75 @@
+"""HWConfig: parallelism, memory port, buffers, clock and FPGA part budget of the accelerator."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+class HWConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    lut: int
+    ff: int
+    dsp: int
+    bram36: int
+    uram: int = 0
+
+
+# FPGA parts as data: add a line to support another part.
+PARTS: dict[str, Part] = {
+    "xczu9eg": Part("xczu9eg", lut=274_080, ff=548_160, dsp=2520, bram36=912),   # ZCU102
+    "xczu7ev": Part("xczu7ev", lut=230_400, ff=460_800, dsp=1728, bram36=312, uram=96),  # ZCU104
+}
+
+
+@dataclass(frozen=True)
+class HWConfig:
+    name: str = "zcu102-16x16"
+    t_in: int = 16            # MAC array input lanes (reduction dimension)
+    t_out: int = 16           # MAC array output lanes
+    attn_p: int = 4           # attention parallelism: resident query rows
+    lanes: int = 16           # vector lanes of GELU / LayerNorm / softmax-normaliser units
+    axi_data_bits: int = 256  # AXI4 master data width
+    axi_addr_bits: int = 32
+    clock_mhz: float = 300.0
+    dram_gbps: float = 19.2   # sustained DRAM bandwidth seen by the accelerator port (GB/s)
+    dram_latency_cycles: int = 64
+    act_buffer_tokens: int = 256   # on-chip activation rows (tokens) per buffer
+    part: str = "xczu9eg"
+
+    def __post_init__(self):
+        for f in ("t_in", "t_out", "attn_p", "lanes", "axi_data_bits", "act_buffer_tokens"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise HWConfigError(f"HWConfig '{self.name}': field '{f}' = {v!r} must be a positive integer")
+        if self.axi_data_bits % 8 or self.axi_data_bits & (self.axi_data_bits - 1):
+            raise HWConfigError(f"HWConfig '{self.name}': axi_data_bits = {self.axi_data_bits} must be a power of two >= 8")
+        if self.part not in PARTS:
+            raise HWConfigError(f"HWConfig '{self.name}': unknown part {self.part!r}; known: {sorted(PARTS)}")
+        if self.clock_mhz <= 0:
+            raise HWConfigError(f"HWConfig '{self.name}': clock_mhz = {self.clock_mhz} must be > 0")
+
+    @property
+    def part_budget(self) -> Part:
+        return PARTS[self.part]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **kw) -> "HWConfig":
+        return replace(self, **kw)
+
+
+HW_PRESETS: dict[str, HWConfig] = {
+    "zcu102-16x16": HWConfig(),
+    "small-8x8": HWConfig(name="small-8x8", t_in=8, t_out=8, attn_p=2, lanes=8),
+}
+
+
+def get_hw_preset(name: str) -> HWConfig:
+    if name not in HW_PRESETS:
+        raise HWConfigError(f"unknown hardware preset {name!r}; choose one of {sorted(HW_PRESETS)}")
+    return HW_PRESETS[name]

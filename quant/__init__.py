@@ -1,0 +1,1 @@
+"""Fixed-point formats, the bit-exact golden model, hardware approximations, reorder schedules."""

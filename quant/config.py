@@ -1,0 +1,136 @@
+"""QuantConfig: the fixed-point format of every tensor class, rounding/overflow modes, and the
+parameters of the hardware approximations. Presets live here; calibration fills w8a16's choices.
+
+Tensor classes (one Fmt each; all integers mean q * 2**-frac):
+  patch_w, linear_w, bias, ln_gamma, ln_beta      parameters
+  act                                             residual stream and every layer output/input
+  acc                                             MAC accumulators (products of act x weight)
+  attn_in                                         Q, K, V as fed to the attention matmuls
+                                                  (Q already carries log2(e)/sqrt(d_head): the
+                                                  compiler folds it into the Q rows of W_qkv)
+  score                                           Q.K^T in the base-2 exponent domain
+  exp                                             2**(s - max) values (unsigned)
+  sum                                             running softmax sums (unsigned)
+  recip                                           1/sum statistic (unsigned)
+  prob                                            normalised attention probability (unsigned)
+  gelu_in, gelu_table                             GELU input grid and table entries d(t)
+  ln_stat, ln_rstd                                LayerNorm mean/variance and 1/sqrt(var+eps)
+  gate_logit, gate_prob                           router logits and gate (combine) weights
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from .fixed import Fmt, FormatError, Overflow, Rounding
+
+FORMAT_FIELDS = ("patch_w", "linear_w", "bias", "ln_gamma", "ln_beta", "act", "acc", "attn_in",
+                 "score", "exp", "sum", "recip", "prob", "gelu_in", "gelu_table", "ln_stat",
+                 "ln_rstd", "gate_logit", "gate_prob")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    name: str
+    patch_w: Fmt
+    linear_w: Fmt
+    bias: Fmt
+    ln_gamma: Fmt
+    ln_beta: Fmt
+    act: Fmt
+    acc: Fmt
+    attn_in: Fmt
+    score: Fmt
+    exp: Fmt
+    sum: Fmt
+    recip: Fmt
+    prob: Fmt
+    gelu_in: Fmt
+    gelu_table: Fmt
+    ln_stat: Fmt
+    ln_rstd: Fmt
+    gate_logit: Fmt
+    gate_prob: Fmt
+    rounding: Rounding = Rounding.HALF_UP     # every requantize in the datapath
+    overflow: Overflow = Overflow.SAT         # every narrowing in the datapath
+    gelu_step_log2: int = 5                   # GELU table step 2**-5 = 1/32
+    gelu_range: float = 8.0                   # d(t) table covers t in [0, gelu_range); d = 0 beyond
+    exp_table_bits: int = 6                   # 2**frac table: 2**6 segments + linear interpolation
+    rsqrt_table_bits: int = 6                 # rsqrt seed table index bits (mantissa)
+    rsqrt_newton: int = 1                     # Newton steps after the table seed
+
+    def __post_init__(self):
+        for f in FORMAT_FIELDS:
+            v = getattr(self, f)
+            if not isinstance(v, Fmt):
+                raise FormatError(f"QuantConfig '{self.name}': tensor class '{f}' has no format (got {v!r})")
+        for f in ("exp", "sum", "recip", "prob"):
+            if getattr(self, f).signed:
+                raise FormatError(f"QuantConfig '{self.name}': '{f}' must be unsigned")
+        object.__setattr__(self, "rounding", Rounding(self.rounding))
+        object.__setattr__(self, "overflow", Overflow(self.overflow))
+
+    def check_model(self, model_cfg) -> None:
+        """Fail naming the tensor class whose format cannot hold what the model computes."""
+        fan_in = max(model_cfg.dim, model_cfg.mlp_hidden, model_cfg.expert_hidden,
+                     model_cfg.patch * model_cfg.patch * model_cfg.in_chans)
+        for w in ("linear_w", "patch_w"):
+            need = self.act.bits + getattr(self, w).bits + (fan_in - 1).bit_length()
+            if self.acc.bits < need:
+                raise FormatError(
+                    f"QuantConfig '{self.name}': accumulator {self.acc} too narrow for act {self.act} "
+                    f"x {w} {getattr(self, w)} over fan-in {fan_in}: needs {need} bits, has {self.acc.bits}")
+            if self.acc.frac != self.act.frac + getattr(self, w).frac:
+                raise FormatError(f"QuantConfig '{self.name}': acc.frac {self.acc.frac} must equal "
+                                  f"act.frac + {w}.frac = {self.act.frac + getattr(self, w).frac}")
+
+    def formats(self) -> dict[str, Fmt]:
+        return {f: getattr(self, f) for f in FORMAT_FIELDS}
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for f in FORMAT_FIELDS:
+            d[f] = d[f].to_dict()
+        d["rounding"] = self.rounding.value
+        d["overflow"] = self.overflow.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        d = dict(d)
+        for f in FORMAT_FIELDS:
+            if f not in d:
+                raise FormatError(f"QuantConfig '{d.get('name', '?')}': tensor class '{f}' has no format")
+            d[f] = Fmt.from_dict(d[f])
+        return cls(**d)
+
+    def replace(self, **kw) -> "QuantConfig":
+        return replace(self, **kw)
+
+
+def _s(bits, frac):
+    return Fmt(bits, frac, True)
+
+
+def _u(bits, frac):
+    return Fmt(bits, frac, False)
+
+
+# Edge-MoE's choice: activations s32.22, weights s16.14, biases 16-bit. The internal formats are ours.
+EDGE_MOE_FIXED = QuantConfig(
+    name="edge-moe-fixed",
+    patch_w=_s(16, 14), linear_w=_s(16, 14), bias=_s(16, 11), ln_gamma=_s(16, 11), ln_beta=_s(16, 11),
+    act=_s(32, 22), acc=_s(60, 36),
+    attn_in=_s(24, 16), score=_s(32, 22),
+    exp=_u(17, 16), sum=_u(32, 16), recip=_u(32, 30), prob=_u(17, 16),
+    gelu_in=_s(32, 22), gelu_table=_u(18, 18),
+    ln_stat=_s(48, 32), ln_rstd=_u(32, 24),
+    gate_logit=_s(32, 22), gate_prob=_u(17, 16),
+)
+
+QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED}
+
+
+def get_quant_preset(name: str) -> QuantConfig:
+    if name not in QUANT_PRESETS:
+        raise FormatError(f"unknown quant preset {name!r}; choose one of {sorted(QUANT_PRESETS)}")
+    return QUANT_PRESETS[name]

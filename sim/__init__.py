@@ -1,0 +1,1 @@
+"""cocotb testbenches and runners, performance/energy models, reports and the edgemoe CLI."""

@@ -1,0 +1,26 @@
+"""The `edgemoe` command line. Each subcommand lives in its own module exposing
+`add_arguments(parser)` and `run(args) -> int`; register it in COMMANDS (name -> module, help)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="edgemoe", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        importlib.import_module(mod).add_arguments(p)
+    args = ap.parse_args(argv)
+    mod = importlib.import_module(COMMANDS[args.command][0])
+    return int(mod.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

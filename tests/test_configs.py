@@ -1,0 +1,50 @@
+import pytest
+
+from hw.config import HWConfig, HWConfigError, get_hw_preset
+from model.config import ConfigError, ModelConfig, get_preset
+from quant.config import QuantConfig, get_quant_preset
+from quant.fixed import Fmt, FormatError
+
+
+def test_presets_shapes():
+    em = get_preset("edge-moe")
+    assert (em.num_tokens, em.dim, em.depth, em.heads, em.head_dim) == (129, 192, 12, 3, 64)
+    assert em.moe_blocks == (1, 3, 5, 7, 9, 11) and em.num_experts == 16 and em.top_k == 2
+    assert get_preset("tiny").num_tokens == 9
+    assert get_preset("vit-s-nyud").num_tokens == 1201
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(img_h=100), "img_h"), (dict(img_w=250), "img_w"), (dict(dim=65), "dim"),
+    (dict(moe_blocks=(1, 4)), "moe_blocks"), (dict(top_k=5), "top_k"),
+    (dict(task_channels=(19,)), "task_channels"), (dict(gating="x"), "gating"),
+])
+def test_model_config_errors_name_field(kw, field):
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        get_preset("tiny").replace(**kw)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        get_preset("nope")
+
+
+def test_quant_config_round_trip_and_errors():
+    q = get_quant_preset("edge-moe-fixed")
+    assert q.act == Fmt(32, 22) and q.linear_w == Fmt(16, 14) and q.bias.bits == 16
+    assert QuantConfig.from_dict(q.to_dict()) == q
+    d = q.to_dict()
+    del d["score"]
+    with pytest.raises(FormatError, match="tensor class 'score' has no format"):
+        QuantConfig.from_dict(d)
+    with pytest.raises(FormatError, match="accumulator .* too narrow"):
+        q.replace(acc=Fmt(50, 36)).check_model(get_preset("edge-moe"))
+    q.check_model(get_preset("edge-moe"))
+
+
+def test_hw_config_errors():
+    assert get_hw_preset("zcu102-16x16").part_budget.dsp == 2520
+    with pytest.raises(HWConfigError, match="'t_in'"):
+        HWConfig(t_in=0)
+    with pytest.raises(HWConfigError, match="unknown part"):
+        HWConfig(part="xc7z020x")
