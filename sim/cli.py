@@ -8,6 +8,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
+    "profile": ("sim.cmd_profile", "per-layer MACs, parameters, bytes and expert routing"),
+    "bench": ("sim.cmd_bench", "CPU/GPU baseline: latency, throughput, energy where measurable"),
 }
 
 

@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from sim.cli import main
+from sim.cmd_bench import measure
+
+
+def test_bench_cli_tiny_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--iters", "3", "--warmup", "1", "--batch", "2",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batch"] == 2 and r["device"] == "cpu" and r["moe"].startswith("sparse")
+    assert r["latency_ms_median"] > 0
+    assert r["images_per_s"] == pytest.approx(2 / (r["latency_ms_median"] / 1e3))
+    e = r["energy"]
+    if not e["measured"]:   # never an invented figure where no counter exists
+        assert "not measurable" in e["note"] and "joules_per_image" not in e
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_bench_bad_requests():
+    with pytest.raises(ValueError, match="--cuda-graph needs --device cuda"):
+        measure("tiny", cuda_graph=True)
+    with pytest.raises(ValueError, match="--batch must be >= 1"):
+        measure("tiny", batch=0)
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            measure("tiny", device="cuda")
