@@ -4,10 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CITYSCAPES_IMAGE = REPO.parent / "shared" / "edge-moe-cityscapes" / "image.float32.bin"
-CITYSCAPES_SHAPE = (3, 128, 256)
-
 
 def add_arguments(p):
     p.add_argument("--preset", default="edge-moe", help="model preset (model/config.py PRESETS)")
@@ -36,59 +32,16 @@ def _task(cfg, task):
     return cfg.task_index(int(task) if str(task).isdigit() else task)
 
 
-def _load_image(cfg, path: str | None):
-    """-> (float tensor [1, C, img_h, img_w] in [0, 1], description)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    if path is None and CITYSCAPES_IMAGE.exists():
-        path, desc = str(CITYSCAPES_IMAGE), "Cityscapes sample (edge-moe-cityscapes/image.float32.bin)"
-    elif path is None:
-        from matplotlib import cbook
-        with cbook.get_sample_data("grace_hopper.jpg") as f:
-            import matplotlib.image as mpimg
-            arr = mpimg.imread(f, format="jpg")
-        path, desc = None, "matplotlib sample photo grace_hopper.jpg"
-    else:
-        desc = path
-    if path is not None and path.endswith(".bin"):
-        raw = np.fromfile(path, dtype="<f4")
-        shape = CITYSCAPES_SHAPE if raw.size == np.prod(CITYSCAPES_SHAPE) else (cfg.in_chans, cfg.img_h, cfg.img_w)
-        if raw.size != np.prod(shape):
-            raise SystemExit(f"edgemoe profile: {path} holds {raw.size} float32 values; expected "
-                             f"{np.prod(CITYSCAPES_SHAPE)} (3x128x256) or "
-                             f"{cfg.in_chans}x{cfg.img_h}x{cfg.img_w} for preset '{cfg.name}'")
-        x = torch.from_numpy(raw.reshape(shape).copy())
-    else:
-        if path is not None:
-            import matplotlib.image as mpimg
-            arr = mpimg.imread(path)
-        arr = np.asarray(arr)
-        if arr.dtype == np.uint8:
-            arr = arr.astype(np.float32) / 255.0
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, axis=-1)
-        x = torch.from_numpy(np.ascontiguousarray(arr[..., :3], dtype=np.float32)).permute(2, 0, 1)
-    if x.shape[0] != cfg.in_chans:
-        raise SystemExit(f"edgemoe profile: image has {x.shape[0]} channels, preset '{cfg.name}' "
-                         f"needs in_chans = {cfg.in_chans}")
-    x = x.unsqueeze(0)
-    if tuple(x.shape[2:]) != (cfg.img_h, cfg.img_w):
-        desc += f" resized {x.shape[2]}x{x.shape[3]} -> {cfg.img_h}x{cfg.img_w}"
-        x = F.interpolate(x, size=(cfg.img_h, cfg.img_w), mode="bilinear", align_corners=False)
-    return x, desc
-
-
 def _routing(cfg, task, args):
     try:
         import torch
         from model.m3vit import M3ViT
     except ImportError as e:
         raise SystemExit(f"edgemoe profile --routing needs the float network model.m3vit.M3ViT: {e}")
+    from model.images import load_image
     from model.profile import routing_profile
 
-    x, desc = _load_image(cfg, args.image)
+    x, desc = load_image(cfg, args.image)
     model = M3ViT(cfg, seed=args.seed).eval()
     with torch.no_grad():
         _, aux = model.forward_features(x, task, return_aux=True)

@@ -259,8 +259,7 @@ def test_cli_bad_preset():
 def test_cli_routing_fallback_image(tmp_path, monkeypatch, capsys):
     """Without the shared Cityscapes image the command uses matplotlib's sample photo."""
     pytest.importorskip("model.m3vit")
-    import sim.cmd_profile as cmd
-    monkeypatch.setattr(cmd, "CITYSCAPES_IMAGE", tmp_path / "absent.bin")
+    monkeypatch.setenv("EDGEMOE_SHARED", str(tmp_path))      # no edge-moe-cityscapes there
     assert cli_main(["profile", "--preset", "tiny", "--routing"]) == 0
     assert "grace_hopper.jpg resized" in capsys.readouterr().out
 
@@ -276,5 +275,5 @@ def test_cli_bad_bin_image(tmp_path):
     pytest.importorskip("model.m3vit")
     bad = tmp_path / "x.bin"
     np.zeros(10, dtype="<f4").tofile(bad)
-    with pytest.raises(SystemExit, match="holds 10 float32 values"):
+    with pytest.raises(ValueError, match="holds 10 float32 values"):
         cli_main(["profile", "--preset", "tiny", "--image", str(bad)])
