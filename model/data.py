@@ -446,7 +446,7 @@ def _render(sc: _Scene, rng, h, w, return_objects):
         road_mask = np.zeros((h, w), bool)
         road_mask[sky_rows:] = road
 
-    # Soft-free contact shadows of cars and persons, on the ground only.
+    # Hard-edged contact shadows under cars and persons, on the ground only (no label change).
     for o in sc.objects:
         if o.kind in ("car", "person"):
             s = f / o.z
