@@ -146,7 +146,20 @@ EDGE_MOE_FIXED = QuantConfig(
     gate_logit=_s(32, 22), gate_prob=_u(17, 16),
 )
 
-QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED}
+# w8a16: 8-bit weights, 16-bit activations, fraction bits chosen by quant/calibrate.py (one format
+# per tensor class, no saturation on the calibration set, 1 spare integer bit on activations, none
+# on the exactly known parameters; internal formats kept from edge-moe-fixed). Calibrated on the
+# edge-moe preset with seeded weights (seed 0) + the real Edge-MoE weights (experts seeded random),
+# the Cityscapes image, matplotlib's sample photo and 2 synthetic scenes, both tasks. Regenerate:
+#   edgemoe calibrate --preset edge-moe --bits w8a16 --weights seeded,edge-moe-bin --python
+# tests/test_calibrate.py checks that a fresh calibration reproduces these literals.
+W8A16 = EDGE_MOE_FIXED.replace(
+    name="w8a16", patch_w=_s(8, 6), linear_w=_s(8, 6), bias=_s(16, 11), ln_gamma=_s(16, 11),
+    ln_beta=_s(16, 11), act=_s(16, 7), acc=_s(34, 13), attn_in=_s(16, 10), score=_s(16, 9),
+    gelu_in=_s(16, 7), gate_logit=_s(16, 7),
+)
+
+QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED, "w8a16": W8A16}
 
 
 def get_quant_preset(name: str) -> QuantConfig:

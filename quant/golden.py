@@ -96,8 +96,8 @@ class GoldenModel:
                       for j in range(3))
         s_acc = exact_matmul(qh, kh.transpose(0, 2, 1))
         s = requantize(s_acc, Fmt(62, 2 * q.attn_in.frac), q.score, q.rounding, q.overflow, sat, pre + ".score")
-        recip, m = approx.softmax_stats(s, self.order, q)
-        p = approx.softmax_normalise(s, m, recip, q)
+        recip, m = approx.softmax_stats(s, self.order, q, sat, pre + ".softmax")
+        p = approx.softmax_normalise(s, m, recip, q, sat, pre + ".softmax")
         o_acc = exact_matmul(p, vh)
         o = requantize(o_acc, Fmt(62, q.prob.frac + q.attn_in.frac), q.act, q.rounding, q.overflow,
                        sat, pre + ".attn_out")
@@ -112,7 +112,7 @@ class GoldenModel:
     def mlp(self, h, i, sat, t):
         pre = f"blocks.{i}.mlp"
         a = self.linear(h, self.w[pre + ".fc1.weight"], self.w[pre + ".fc1.bias"], sat, pre + ".fc1")
-        g = approx.gelu_fixed(a, self.q)
+        g = approx.gelu_fixed(a, self.q, sat, pre + ".gelu")
         out = self.linear(g, self.w[pre + ".fc2.weight"], self.w[pre + ".fc2.bias"], sat, pre + ".fc2")
         if t is not None:
             t.update({pre + ".fc1": a, pre + ".gelu": g, pre + ".fc2": out})
@@ -131,7 +131,7 @@ class GoldenModel:
         pre = f"blocks.{i}.mlp"
         rin, rw = self.router_logits(h, i, task)
         logits = self.linear(rin, rw, None, sat, pre + ".gate_logits", out_fmt=q.gate_logit)
-        idx, w, probs = approx.gate_fixed(logits, q, cfg.top_k)
+        idx, w, probs = approx.gate_fixed(logits, q, cfg.top_k, sat, pre + ".gate")
         routing[i] = {"topk_idx": idx, "topk_w": w, "probs": probs}
         queues = build_expert_queues(idx, w, cfg.num_experts)
         prod_fmt = Fmt(62, q.act.frac + q.gate_prob.frac)
@@ -139,7 +139,7 @@ class GoldenModel:
             toks, ws = queues[e]
             a = self.linear(h[toks], self.w[pre + ".htoh4_weight"][e], self.w[pre + ".htoh4_bias"][e],
                             sat, pre + ".expert_fc1")
-            g = approx.gelu_fixed(a, q)
+            g = approx.gelu_fixed(a, q, sat, pre + ".expert_gelu")
             y = self.linear(g, self.w[pre + ".h4toh_weight"][e], self.w[pre + ".h4toh_bias"][e],
                             sat, pre + ".expert_fc2")
             yw = requantize(y * np.asarray(ws, dtype=np.int64)[:, None], prod_fmt, q.act, q.rounding,

@@ -4,7 +4,10 @@ accelerator use, with the compile-time folds that remove multipliers from the da
 - log2(e)/sqrt(d_head) is folded into the Q rows of W_qkv and b_qkv, so Q.K^T lands directly in
   the base-2 exponent domain of the softmax (`score` format);
 - log2(e) is folded into every router weight, so the gate's softmax over experts is base 2 too.
-Top-k of the logits is unchanged by a positive scale; only quantisation differs.
+  Top-k of the logits is unchanged by a positive scale; only quantisation differs;
+- the K bias is dropped: q.(k + b_k) = q.k + q.b_k adds the same constant to every score of a
+  query row, which softmax ignores exactly. Trained K biases reach |50| (Edge-MoE blocks 10-11),
+  far outside the bias format, so keeping them would only saturate for nothing.
 Saturation of any weight is counted per tensor in the returned SatCounter (weights normally fit).
 """
 from __future__ import annotations
@@ -62,6 +65,7 @@ def fold_scales(cfg, sd: dict) -> dict[str, np.ndarray]:
         w, b = out[f"blocks.{i}.attn.qkv.weight"], out[f"blocks.{i}.attn.qkv.bias"]
         w[:D] *= c
         b[:D] *= c
+        b[D:2 * D] = 0.0   # K bias: softmax-invariant, see the module docstring
         for k in list(out):
             if k.startswith(f"blocks.{i}.mlp.router") and k.endswith("weight"):
                 out[k] = out[k] * LOG2E

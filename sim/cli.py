@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sim.cmd_bench", "CPU/GPU baseline: latency, throughput, energy where measurable"),
     "verilog": ("sim.cmd_verilog", "write one hardware unit as Verilog and RTLIL"),
     "synth": ("sim.cmd_synth", "Yosys resource estimate (and --fmax: ECP5 Fmax) of one unit"),
+    "calibrate": ("sim.cmd_calibrate", "choose per-tensor-class fixed-point formats from float ranges"),
+    "quant-report": ("sim.cmd_quant_report", "golden vs float fidelity per layer (SQNR, cosine, routing) + PNG"),
 }
 
 

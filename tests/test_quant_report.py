@@ -1,0 +1,127 @@
+"""The fidelity report (quant/report.py) and `edgemoe quant-report`."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model import get_preset
+from model.checkpoint import default_edge_moe_dir
+from quant.config import EDGE_MOE_FIXED, W8A16
+from quant.golden import GoldenModel
+from quant.qweights import quantize_weights
+from quant.report import RANDOM_EXPERTS, _routing_changes, load_weights, metrics
+from sim.cli import main
+
+REAL = default_edge_moe_dir()
+
+
+def test_metrics_known_values():
+    ref = np.array([3.0, -4.0, 0.0, 0.0])
+    m = metrics(ref, ref + np.array([0.3, 0.0, -0.4, 0.0]))
+    assert m["sqnr_db"] == pytest.approx(10 * math.log10(25 / 0.25))        # 20 dB
+    assert m["mse"] == pytest.approx(0.25 / 4) and m["mae"] == pytest.approx(0.7 / 4)
+    assert m["max_abs"] == pytest.approx(0.4)
+    assert m["cosine"] == pytest.approx((9.9 + 16) / (5 * math.sqrt(3.3 ** 2 + 16 + 0.16)))
+    assert metrics(ref, ref)["sqnr_db"] is None and metrics(ref, ref)["cosine"] == pytest.approx(1.0)
+
+
+def test_routing_changes_counts_sets_and_material_swaps():
+    cfg = get_preset("tiny")                                   # moe blocks 1, 3; 4 experts, top-2
+    lsb = W8A16.gate_prob.lsb
+    probs = np.array([[0.5, 0.3, 0.2, 0.0], [0.9, 0.1, 0.0, 0.0], [1.0, 0.0, 0.4 * lsb, 0.0]])
+    fl = {b: {"topk_idx": np.array([[0, 1], [0, 1], [0, 1]]), "probs": probs} for b in (1, 3)}
+    gd = {1: {"topk_idx": np.array([[1, 0], [0, 2], [0, 2]])},    # same set, material swap, tiny swap
+          3: {"topk_idx": np.array([[0, 1], [0, 1], [0, 1]])}}
+    r = _routing_changes(cfg, W8A16, gd, fl)
+    assert r["1"] == {"changed_tokens": 2, "material": 1, "tokens": 3, "fraction": 2 / 3}
+    assert r["3"]["changed_tokens"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qr")
+    assert main(["quant-report", "--preset", "tiny", "--quant", "edge-moe-fixed,w8a16",
+                 "--out", str(out)]) == 0
+    return out, json.loads((out / "quant_report.json").read_text())
+
+
+def test_cli_tiny_writes_json_and_png(tiny_report):
+    out, rep = tiny_report
+    cfg = get_preset("tiny")
+    assert rep["model"] == "tiny" and rep["tasks"] == list(cfg.tasks)
+    assert rep["weights"]["kind"] == "seeded" and rep["warning"] is None
+    assert set(rep["presets"]) == {"edge-moe-fixed", "w8a16"}
+    assert rep["mirror_vs_m3vit_max_abs"] < 1e-4
+    for name, p in rep["presets"].items():
+        assert p["formats"]["act"] == {"edge-moe-fixed": "s32.22", "w8a16": "s16.7"}[name]
+        for k in ("exp2_abs_max", "gelu_abs_max", "rsqrt_rel_max", "softmax_abs_max", "layernorm_abs_max"):
+            assert 0 < p["approx_errors"][k] < 0.05
+        assert len(p["runs"]) == cfg.num_tasks
+        for r in p["runs"]:
+            assert r["golden_seconds"] > 0 and set(r["final"]) >= {"mse", "mae", "cosine", "sqnr_db"}
+            assert len(r["blocks"]) == cfg.depth
+            assert set(r["routing"]) == {str(b) for b in cfg.moe_blocks}
+            assert all(0 <= v["material"] <= v["changed_tokens"] <= v["tokens"] == cfg.num_tokens
+                       for v in r["routing"].values())
+            for key in ("blocks.0.qkv", "blocks.0.scores", "blocks.0.attn_out", "blocks.0.proj",
+                        "blocks.0.mlp.fc2", "blocks.1.mlp.moe_out", "blocks.1.mlp.gate_logits", "blocks.3.out"):
+                assert -1 <= r["layers"][key]["cosine"] <= 1 + 1e-12
+            assert r["saturated_total"] == sum(v["saturated"] for v in r["saturation"].values())
+    fx, w8 = (rep["presets"][n]["runs"][0] for n in ("edge-moe-fixed", "w8a16"))
+    assert fx["final"]["cosine"] > 0.9999 and fx["saturated_total"] == 0
+    assert 0.5 < w8["final"]["cosine"] < fx["final"]["cosine"]
+    for a, b in zip(fx["blocks"], w8["blocks"]):      # 32-bit act / 16-bit weights beat w8a16 everywhere
+        assert a["out_sqnr_db"] > b["out_sqnr_db"] + 10
+    png = out / "quant_report.png"
+    import matplotlib.image as mpimg
+    img = mpimg.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 500 and img.shape[1] > 1000
+
+
+def test_cli_tiny_final_metrics_match_an_independent_run(tiny_report):
+    """The JSON's final cosine/MSE equal a direct golden vs float computation."""
+    out, rep = tiny_report
+    from model.images import load_image
+    cfg = get_preset("tiny")
+    w = load_weights(cfg, "seeded")
+    x, _ = load_image(cfg)
+    with torch.no_grad():
+        f = w.model.forward_features(x, 1)[0].double().numpy()
+    q = EDGE_MOE_FIXED
+    g = q.act.dequantize(GoldenModel(cfg, q, quantize_weights(cfg, q, w.state_dict)).forward(
+        x[0].numpy().astype(np.float64), 1).features)
+    run = rep["presets"]["edge-moe-fixed"]["runs"][1]
+    assert run["task"] == "depth"
+    assert run["final"]["mse"] == pytest.approx(float(((g - f) ** 2).mean()), rel=1e-9)
+    assert run["final"]["cosine"] == pytest.approx(float((g * f).sum() / np.linalg.norm(g) / np.linalg.norm(f)),
+                                                   abs=1e-12)
+
+
+def test_missing_weight_folder_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMOE_SHARED", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=r"nowhere.*does not\s+exist"):
+        main(["quant-report", "--preset", "edge-moe", "--weights", "edge-moe-bin", "--out", str(tmp_path)])
+    assert not (tmp_path / "quant_report.json").exists()
+
+
+@pytest.mark.skipif(not (REAL / "l0_qkv_weight.float32.bin").exists(),
+                    reason=f"Edge-MoE weights not present in {REAL}")
+def test_cli_real_weights_flags_random_experts(tmp_path):
+    """Also the w8a16 fidelity threshold on the real weights (measured 0.99112 semseg)."""
+    assert main(["quant-report", "--preset", "edge-moe", "--weights", "edge-moe-bin",
+                 "--quant", "w8a16", "--task", "semseg", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "quant_report.json").read_text())
+    assert RANDOM_EXPERTS in rep["weights"]["banner"] and RANDOM_EXPERTS in rep["warning"]
+    assert len(rep["weights"]["random_tensors"]) == 12
+    assert all("htoh4_weight" in k or "h4toh_weight" in k for k in rep["weights"]["random_tensors"])
+    p = rep["presets"]["w8a16"]
+    run = p["runs"][0]
+    qmax = [b["qkv_absmax_float"] for b in run["blocks"]]
+    # the |qkv| ~ 53 outliers of the trained blocks 10-11 were K biases, dropped by the fold
+    assert max(qmax) < 16 < p["attn_in_range"]
+    assert all(b["attn_in_saturated"] == 0 for b in run["blocks"])
+    assert p["weights_saturated_total"] == 0 and run["saturated_total"] == 0
+    assert run["final"]["cosine"] >= 0.990
+    assert (tmp_path / "quant_report.png").stat().st_size > 10_000
