@@ -5,16 +5,19 @@ VENV ?= .venv
 # Pinned here, not in pyproject: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
+# One BLAS/OpenMP thread per pytest worker: two workers on two cores, no oversubscription.
+TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
 
-.PHONY: venv demo test test-full bench clean help
+.PHONY: venv demo test test-full test-slow bench clean help
 
 help:
 	@echo "make demo       end-to-end run on the built-in preset (outputs under $(OUT)/)"
 	@echo "make test       default test suite (fast; full-size RTL runs are in test-full)"
 	@echo "make test-full  full-size RTL and long runs (pytest -m full)"
+	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile
@@ -30,10 +33,13 @@ demo: $(STAMP)
 	$(PY) -m sim.demo --out $(OUT)/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-full: $(STAMP)
-	$(PY) -m pytest -q -m full $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m full $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m sim.bench
