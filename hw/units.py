@@ -17,6 +17,7 @@ def _requant(qcfg, hwcfg):
 
 UNITS = {
     "requant": _requant,
+    "gelu": lambda qcfg, hwcfg: __import__("hw.gelu", fromlist=["Gelu"]).Gelu(qcfg, hwcfg),
 }
 
 

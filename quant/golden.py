@@ -67,7 +67,7 @@ class GoldenModel:
 
     def layernorm(self, x, prefix, sat, name):
         return approx.layernorm_fixed(x, self.w[prefix + ".weight"], self.w[prefix + ".bias"],
-                                      self.q, sat=sat, name=name)
+                                      self.q, eps=self.cfg.ln_eps, sat=sat, name=name)
 
     # --- layers ----------------------------------------------------------------------------
     def patch_embed(self, image, sat):
