@@ -10,6 +10,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "profile": ("sim.cmd_profile", "per-layer MACs, parameters, bytes and expert routing"),
     "bench": ("sim.cmd_bench", "CPU/GPU baseline: latency, throughput, energy where measurable"),
+    "train": ("sim.cmd_train", "multi-task training on the synthetic scenes -> checkpoint"),
+    "eval": ("sim.cmd_eval", "test-split mIoU / depth RMSE: float model vs. golden fixed point"),
     "verilog": ("sim.cmd_verilog", "write one hardware unit as Verilog and RTLIL"),
     "synth": ("sim.cmd_synth", "Yosys resource estimate (and --fmax: ECP5 Fmax) of one unit"),
     "calibrate": ("sim.cmd_calibrate", "choose per-tensor-class fixed-point formats from float ranges"),
