@@ -39,7 +39,10 @@ def run(args) -> int:
     if "steps" in over and "warmup" not in over:
         recipe = replace(recipe, warmup=min(recipe.warmup, max(1, recipe.steps // 20)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    command = "edgemoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # rebuilt from the parsed arguments (sys.argv is not ours when called as a library / in tests)
+    command = "edgemoe train " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in sorted(vars(args).items())
+        if k != "command" and v not in (None, False) and not callable(v)).replace(" True", "")
     res = train_and_save(args.preset, args.out, recipe, seed=args.seed, threads=args.threads,
                          export_bin=args.export_bin, progress=not args.no_progress, command=command)
     m = res["meta"]
