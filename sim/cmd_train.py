@@ -19,7 +19,6 @@ def add_arguments(p):
 
 def run(args) -> int:
     import shlex
-    import sys
     from dataclasses import replace
     from pathlib import Path
 
