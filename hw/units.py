@@ -18,6 +18,7 @@ def _requant(qcfg, hwcfg):
 UNITS = {
     "requant": _requant,
     "layernorm": lambda qcfg, hwcfg, mcfg: __import__("hw.layernorm", fromlist=["LayerNorm"]).LayerNorm(qcfg, hwcfg, mcfg),
+    "gate": lambda qcfg, hwcfg, mcfg: __import__("hw.gate", fromlist=["Gate"]).Gate(qcfg, hwcfg, mcfg),
     "gelu": lambda qcfg, hwcfg: __import__("hw.gelu", fromlist=["Gelu"]).Gelu(qcfg, hwcfg),
     "softmax": lambda qcfg, hwcfg, mcfg: __import__("hw.softmax", fromlist=["x"]).SoftmaxStats.from_model(qcfg, hwcfg, mcfg),
     "softmax_norm": lambda qcfg, hwcfg: __import__("hw.softmax_norm", fromlist=["x"]).SoftmaxNorm(qcfg, hwcfg),
