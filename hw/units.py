@@ -22,6 +22,7 @@ UNITS = {
     "gelu": lambda qcfg, hwcfg: __import__("hw.gelu", fromlist=["Gelu"]).Gelu(qcfg, hwcfg),
     "softmax": lambda qcfg, hwcfg, mcfg: __import__("hw.softmax", fromlist=["x"]).SoftmaxStats.from_model(qcfg, hwcfg, mcfg),
     "softmax_norm": lambda qcfg, hwcfg: __import__("hw.softmax_norm", fromlist=["x"]).SoftmaxNorm(qcfg, hwcfg),
+    "attention": lambda qcfg, hwcfg, mcfg: __import__("hw.attention", fromlist=["x"]).AttentionEngine.from_model(qcfg, hwcfg, mcfg),
     "compute": lambda qcfg, hwcfg, mcfg: __import__("hw.compute", fromlist=["x"]).ComputeUnit(qcfg, hwcfg, mcfg),
 }
 

@@ -1,0 +1,393 @@
+"""AttentionEngine: softmax(Q.K^T) . V of one layer, all heads, on its own dot-product lanes.
+
+Golden model: quant.attention.attention_golden (= GoldenModel.attention from qkv onward).
+Testbench: sim/tb_attention.py, tests/test_attention_rtl.py. Cycle model:
+sim.perf.attention_cycles_engine.
+
+Data flow (one layer; n tokens, H heads, head_dim dh, P = hwcfg.attn_p, lanes = min(P, n)):
+  LOAD   the write port `w` takes the Q, K and V rows of every head as attn_in codes (the caller
+         requantizes qkv from act to attn_in; the compute unit's epilogue can emit attn_in
+         directly), one dh-vector per beat, tagged (sel: 0 Q / 1 K / 2 V, head, row). Each of
+         the 3*H*n rows must be written exactly once; the engine starts when the count is reached.
+  per head h:
+  QK     the Edge-MoE constant-bandwidth reorder of quant/schedule.py: a key counter walks the
+         keys 0, 1, ..., n-1, 0, ... and reads ONE K block (K[h, key], dh codes) per cycle, which
+         is broadcast to the lanes; lane o holds query rows o, o+P, ... one at a time and loads
+         the next one (ONE Q block read, into the lane's resident Q register) when the key
+         counter reaches o. Each busy lane computes q_row . k_key over dh in one cycle (dh
+         multipliers per lane) and the score is requantized to `score`. The P scores of a cycle
+         form one beat of hw/softmax.SoftmaxStats (lane o = lane o, rows in row_key_order(n, P)
+         order, as the golden model's online softmax), whose (recip, m, row) outputs are stored
+         in an n-entry stats memory.
+  AV     once all n rows' stats are in, the same schedule runs again: the dot lanes recompute the
+         scores (Q.K^T twice) and each lane's score goes through its own 1-lane
+         hw/softmax_norm.SoftmaxNorm with the (m, recip) of the lane's row, read from the stats
+         memory with the row's Q block; p . V[key] accumulates over the row's n keys into dh
+         accumulators per lane (the V block of the key is read once per cycle, like K), and the
+         finished row is requantized to act and streamed out with its (head, row) tag.
+Why recompute instead of an n x n score buffer: the QK lanes produce scores column-wise (P rows,
+one key per cycle) while the normaliser wants them row-wise, so a buffer would need a transpose
+(banked, P write ports) and n*n*score.bits per head; recomputing costs one more pass of the
+same schedule and keeps the read bandwidth at one K, one V and at most one Q block per cycle in
+both passes, whatever P is. Why per-lane 1-lane normalisers rather than one L-lane beat per row:
+in the reorder every lane holds a different row, each with its own (m, recip) -- exactly the
+case SoftmaxNorm handles one row per beat; P 1-lane instances keep one probability per lane per
+cycle. Padding never occurs (a lane without a row is masked by its `active` flag).
+
+Read strobes (for the bandwidth check; one per memory read port): k_rd, q_rd, v_rd, and
+av (1 while the strobes belong to the AV pass). At most one K, one V and one Q block per cycle.
+Exported module `edgemoe_attention`, W = bits of n-1, Hb = bits of heads-1 (both >= 1):
+  clk, rst            in  1   sync domain, active-high synchronous reset
+  w__valid/ready      in/out  write port (ready only in the LOAD phase)
+  w__payload__sel     in  2   0: Q row, 1: K row, 2: V row
+  w__payload__head    in  Hb
+  w__payload__row     in  W
+  w__payload__data    in  dh*attn_in.bits  element c at bits [c*attn_in.bits, ...), signed
+  o__valid/ready      out/in  output rows
+  o__payload__row     out W
+  o__payload__head    out Hb
+  o__payload__data    out dh*act.bits   o[row, head*dh + c] at bits [c*act.bits, ...), signed
+  k_rd, q_rd, v_rd    out 1   a K / Q / V block is read this cycle
+  av                  out 1   the schedule running now is the AV pass
+Rows of a head come out in the order they finish (lane o's rows end at distinct cycles), heads
+in order; the consumer places them by tag.
+Throughput: P (query row, key) pairs per cycle in each pass (both passes at utilisation
+schedule_stats(n, P).utilisation), i.e. about 2 n^2 H / P cycles per layer. The output FIFO has room for every row in flight; the AV schedule pauses
+while it is nearly full (output back-pressure).
+Latency: a layer takes, from the last write to the last output row, exactly
+H * (2*C + SoftmaxStats.LATENCY + 5) + 11 cycles (sim.perf.attention_cycles_engine) with
+C = attention_cycles(n, P) when the output is never stalled (asserted by the tests; edge-moe
+shape n = 129, H = 3, dh = 64, P = 4: 25,667 cycles, = formula).
+Pipeline: issue (schedule registers, memory addresses) -> s1 read data (resident Q / stats
+registers) -> s2 dot products (dh multiplies + adder tree, one cycle) -> s3 score requantize ->
+QK: SoftmaxStats | AV: SoftmaxNorm (6) -> MAC (dh accumulators per lane) -> output register
+-> requantize into a 32-deep output FIFO.
+Resources (Yosys synth_xilinx xcup, edge-moe-fixed, zcu102-16x16 (P = 4), tiny shape n = 9,
+H = 2, dh = 32; tests/baselines/synth_attention.json): about 30.4k LUT, 17.1k FF, 396 DSP48E2
+(QK: P*dh 24x24 multiplies at two DSPs each = 256, AV: P*dh 17x24 = 128, SoftmaxStats 4,
+SoftmaxNorm 2 per lane), no BRAM (the Q/K/V memories of 18 rows become LUTRAM). DSPs grow as
+3*P*dh: 768 at the edge-moe shape (dh = 64), about 30 % of an XCZU9EG.
+ECP5-85k out of context: the tiny shape at P = 4 does not fit (784 MULT18X18D needed, 156
+there); P = 1, n = 9, H = 2, dh = 8 reaches about 41 MHz (the one-cycle dot product and the
+SoftmaxStats S loop).
+Not handled: saturation flags (score, prob, output) are not reported by the RTL; the dot
+product is one adder tree per cycle (no pipelined DSP cascade), which limits Fmax.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from quant.config import QuantConfig
+from quant.fixed import Fmt, FormatError, Overflow, Rounding
+
+from .config import HWConfig
+from .softmax import SoftmaxStats, softmax_m_bits
+from .softmax_norm import SoftmaxNorm
+
+
+def requant_signed(x, shift: int, dst: Fmt, rounding: Rounding, overflow: Overflow):
+    """quant.fixed.requantize of a signed Value by a right shift >= 1 (expression)."""
+    if shift < 1:
+        raise FormatError(f"attention: requantize shift {shift} must be >= 1")
+    x = x.as_signed()
+    fl = x[shift:].as_signed()
+    half = x[shift - 1]
+    sticky = x[:shift - 1].any() if shift >= 2 else Const(0, 1)
+    r = Rounding(rounding)
+    if r is Rounding.TRUNC:
+        qv = fl
+    elif r is Rounding.HALF_UP:
+        qv = fl + half
+    else:
+        qv = fl + (half & (sticky | fl[0]))
+    if Overflow(overflow) is Overflow.SAT:
+        return Mux(qv > dst.max_int, dst.max_int, Mux(qv < dst.min_int, dst.min_int, qv))[:dst.bits]
+    return qv[:dst.bits]
+
+
+class AttentionEngine(wiring.Component):
+    PIPE = 3            # issue -> score register (s1 read data, s2 dot, s3 score)
+    FIFO_DEPTH = 32
+
+    def __init__(self, qcfg: QuantConfig, hwcfg: HWConfig, n: int, heads: int, head_dim: int):
+        for name, v in (("num_tokens", n), ("heads", heads), ("head_dim", head_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"AttentionEngine: {name} = {v!r} must be a positive integer")
+        self.qcfg, self.hwcfg = qcfg, hwcfg
+        self.n, self.heads, self.dh = n, heads, head_dim
+        self.P = hwcfg.attn_p
+        self.lanes = min(self.P, n)
+        self.row_bits = max(1, (n - 1).bit_length())
+        self.head_bits = max(1, (heads - 1).bit_length())
+        self.m_bits = softmax_m_bits(qcfg)
+        ain = qcfg.attn_in
+        self.score_shift = 2 * ain.frac - qcfg.score.frac
+        self.out_shift = qcfg.prob.frac + ain.frac - qcfg.act.frac
+        for nm, s in (("2*attn_in.frac - score.frac", self.score_shift),
+                      ("prob.frac + attn_in.frac - act.frac", self.out_shift)):
+            if s < 1:
+                raise FormatError(f"QuantConfig '{qcfg.name}': {nm} = {s} must be >= 1 "
+                                  "(the engine rounds by a right shift)")
+        self.NORM_LAT = SoftmaxNorm.LATENCY
+        w_layout = data.StructLayout({
+            "sel": unsigned(2), "head": unsigned(self.head_bits), "row": unsigned(self.row_bits),
+            "data": data.ArrayLayout(signed(ain.bits), head_dim)})
+        self.o_layout = data.StructLayout({
+            "row": unsigned(self.row_bits), "head": unsigned(self.head_bits),
+            "data": data.ArrayLayout(signed(qcfg.act.bits), head_dim)})
+        super().__init__({"w": In(stream.Signature(w_layout)),
+                          "o": Out(stream.Signature(self.o_layout)),
+                          "k_rd": Out(1), "q_rd": Out(1), "v_rd": Out(1), "av": Out(1)})
+
+    @classmethod
+    def from_model(cls, qcfg, hwcfg, mcfg) -> "AttentionEngine":
+        if mcfg is None:
+            raise ValueError("AttentionEngine needs a ModelConfig (num_tokens, heads, head_dim)")
+        return cls(qcfg, hwcfg, mcfg.num_tokens, mcfg.heads, mcfg.head_dim)
+
+    def elaborate(self, platform):
+        m = Module()
+        q, n, H, dh, P, NL = self.qcfg, self.n, self.heads, self.dh, self.P, self.lanes
+        ain = q.attn_in
+        Wr, Hb = self.row_bits, self.head_bits
+        # built here, not in __init__, so an unelaborated engine leaves no unused submodules
+        m.submodules.stats = st = SoftmaxStats(q, self.hwcfg, n, H)
+        norms = [SoftmaxNorm(q, self.hwcfg.replace(lanes=1)) for _ in range(NL)]
+        for o, nm in enumerate(norms):
+            m.submodules[f"norm{o}"] = nm
+
+        def reg(name, shape, reset_less=True):
+            return Signal(shape, name=name, reset_less=reset_less)
+
+        # ---- memories -------------------------------------------------------------------------
+        vec = data.ArrayLayout(signed(ain.bits), dh)
+        mems = {}
+        for nm in ("q", "k", "v"):
+            mems[nm] = Memory(shape=vec, depth=H * n, init=[])
+            m.submodules[f"mem_{nm}"] = mems[nm]
+        stat_layout = data.StructLayout({"recip": unsigned(q.recip.bits),
+                                         "m": signed(self.m_bits)})
+        smem = Memory(shape=stat_layout, depth=n, init=[])
+        m.submodules.mem_stats = smem
+
+        # ---- control --------------------------------------------------------------------------
+        LOAD, QK, WAITS, AV, DRAIN = range(5)
+        phase = Signal(range(5), name="phase", init=LOAD)
+        head = Signal(range(max(H, 2)), name="head")
+        wcount = Signal(range(3 * H * n + 1), name="wcount")
+        stats_cnt = Signal(range(n + 1), name="stats_cnt")
+        out_cnt = Signal(range(H * n + 1), name="out_cnt")
+
+        # write port
+        wp = self.w.payload
+        m.d.comb += self.w.ready.eq(phase == LOAD)
+        waddr = wp.head * n + wp.row
+        for s, nm in enumerate(("q", "k", "v")):
+            port = mems[nm].write_port()
+            m.d.comb += [port.addr.eq(waddr), port.data.eq(wp.data),
+                         port.en.eq(self.w.valid & self.w.ready & (wp.sel == s))]
+
+        # ---- schedule (quant.schedule.attention_schedule as registers) -------------------------
+        key = Signal(range(n), name="key")
+        busy = [Signal(name=f"busy{o}") for o in range(NL)]
+        row = [Signal(range(n), name=f"row{o}") for o in range(NL)]
+        left = [Signal(range(n + 1), name=f"left{o}") for o in range(NL)]
+        nxt = [Signal(range(n + P + 1), name=f"next{o}") for o in range(NL)]
+        pending = Cat(*[busy[o] | (nxt[o] < n) for o in range(NL)]).any()
+        fifo = SyncFIFOBuffered(width=len(Signal(self.o_layout).as_value()), depth=self.FIFO_DEPTH)
+        m.submodules.fifo = fifo
+        room = fifo.level <= self.FIFO_DEPTH - (self.PIPE + self.NORM_LAT + 4)
+        running = (phase == QK) | ((phase == AV) & room)
+        issue = Signal(name="issue")
+        m.d.comb += issue.eq(running & pending)
+
+        load = [Signal(name=f"load{o}") for o in range(NL)]
+        act = [Signal(name=f"act{o}") for o in range(NL)]
+        cur = [Signal(range(n), name=f"cur{o}") for o in range(NL)]
+        last = [Signal(name=f"last{o}") for o in range(NL)]
+        for o in range(NL):
+            m.d.comb += [load[o].eq((key == o) & ~busy[o] & (nxt[o] < n)),
+                         act[o].eq(load[o] | busy[o]),
+                         cur[o].eq(Mux(load[o], nxt[o], row[o])),
+                         last[o].eq(act[o] & Mux(load[o], n == 1, left[o] == 1))]
+            with m.If(issue):
+                with m.If(load[o]):
+                    m.d.sync += [row[o].eq(nxt[o]), nxt[o].eq(nxt[o] + P), left[o].eq(n - 1),
+                                 busy[o].eq(n > 1)]
+                with m.Elif(busy[o]):
+                    m.d.sync += [left[o].eq(left[o] - 1), busy[o].eq(left[o] != 1)]
+        with m.If(issue):
+            m.d.sync += key.eq(Mux(key == n - 1, 0, key + 1))
+        any_load = Cat(*load).any()
+        load_row = Signal(range(n), name="load_row")
+        m.d.comb += load_row.eq(0)
+        for o in range(NL):
+            with m.If(load[o]):
+                m.d.comb += load_row.eq(nxt[o])
+        is_av = phase == AV
+        m.d.comb += [self.k_rd.eq(issue), self.v_rd.eq(issue & is_av),
+                     self.q_rd.eq(issue & any_load), self.av.eq(is_av)]
+
+        def reset_schedule():
+            m.d.sync += key.eq(0)
+            for o in range(NL):
+                m.d.sync += [busy[o].eq(0), nxt[o].eq(o)]
+
+        # phase machine
+        with m.If(phase == LOAD):
+            with m.If(self.w.valid & self.w.ready):
+                m.d.sync += wcount.eq(wcount + 1)
+                with m.If(wcount == 3 * H * n - 1):
+                    m.d.sync += [phase.eq(QK), wcount.eq(0), head.eq(0), out_cnt.eq(0),
+                                 stats_cnt.eq(0)]
+                    reset_schedule()
+        with m.Elif(phase == QK):
+            with m.If(~pending):
+                m.d.sync += phase.eq(WAITS)
+                reset_schedule()
+        with m.Elif(phase == WAITS):
+            with m.If(stats_cnt == n):
+                m.d.sync += [phase.eq(AV), stats_cnt.eq(0)]
+        with m.Elif(phase == AV):
+            with m.If(~pending):
+                reset_schedule()
+                with m.If(head == H - 1):
+                    m.d.sync += phase.eq(DRAIN)
+                with m.Else():
+                    m.d.sync += [phase.eq(QK), head.eq(head + 1)]
+        with m.Elif(phase == DRAIN):
+            with m.If(out_cnt == H * n):
+                m.d.sync += phase.eq(LOAD)
+        with m.Else():
+            m.d.sync += phase.eq(LOAD)
+
+        # memory reads (synchronous: data in stage 1)
+        base = head * n
+        rk, rv, rq = (mems[nm].read_port(domain="sync") for nm in ("k", "v", "q"))
+        rs = smem.read_port(domain="sync")
+        m.d.comb += [rk.addr.eq(base + key), rv.addr.eq(base + key), rq.addr.eq(base + load_row),
+                     rs.addr.eq(load_row), rk.en.eq(1), rv.en.eq(1), rq.en.eq(1), rs.en.eq(1)]
+
+        # ---- stage 1: operands ---------------------------------------------------------------
+        v1 = Signal(name="v1")
+        av1 = reg("av1", 1)
+        h1 = reg("head1", Hb)
+        m.d.sync += [v1.eq(issue), av1.eq(is_av), h1.eq(head)]
+        fl1 = [reg(f"fl1_{o}", 3) for o in range(NL)]      # active, first, last
+        rw1 = [reg(f"row1_{o}", Wr) for o in range(NL)]
+        for o in range(NL):
+            m.d.sync += [fl1[o].eq(Cat(act[o] & issue, load[o], last[o])), rw1[o].eq(cur[o])]
+        qreg = [reg(f"qres_{o}", vec) for o in range(NL)]
+        sreg = [reg(f"sres_{o}", stat_layout) for o in range(NL)]
+        qe_l, se_l = [], []
+        for o in range(NL):
+            qe = Signal(vec, name=f"qeff_{o}")
+            se = Signal(stat_layout, name=f"seff_{o}")
+            m.d.comb += [qe.eq(Mux(fl1[o][1], rq.data, qreg[o])),
+                         se.eq(Mux(fl1[o][1], rs.data, sreg[o]))]
+            with m.If(v1 & fl1[o][1]):
+                m.d.sync += [qreg[o].eq(rq.data), sreg[o].eq(rs.data)]
+            qe_l.append(qe)
+            se_l.append(se)
+
+        # ---- stage 2: dot products --------------------------------------------------------------
+        dbits = 2 * ain.bits + max(1, (dh - 1).bit_length()) + 1
+        v2 = Signal(name="v2")
+        av2, h2 = reg("av2", 1), reg("head2", Hb)
+        m.d.sync += [v2.eq(v1), av2.eq(av1), h2.eq(h1)]
+        dot2 = [reg(f"dot2_{o}", signed(dbits)) for o in range(NL)]
+        fl2 = [reg(f"fl2_{o}", 3) for o in range(NL)]
+        rw2 = [reg(f"row2_{o}", Wr) for o in range(NL)]
+        st2 = [reg(f"st2_{o}", stat_layout) for o in range(NL)]
+        vb2 = reg("vblk2", vec)
+        m.d.sync += vb2.eq(rv.data)
+        for o in range(NL):
+            acc = qe_l[o][0] * rk.data[0]
+            for c in range(1, dh):
+                acc = acc + qe_l[o][c] * rk.data[c]
+            m.d.sync += [dot2[o].eq(acc), fl2[o].eq(fl1[o]), rw2[o].eq(rw1[o]), st2[o].eq(se_l[o])]
+
+        # ---- stage 3: score ----------------------------------------------------------------------
+        v3 = Signal(name="v3")
+        av3, h3 = reg("av3", 1), reg("head3", Hb)
+        m.d.sync += [v3.eq(v2), av3.eq(av2), h3.eq(h2)]
+        sc3 = [reg(f"score3_{o}", signed(q.score.bits)) for o in range(NL)]
+        fl3 = [reg(f"fl3_{o}", 3) for o in range(NL)]
+        rw3 = [reg(f"row3_{o}", Wr) for o in range(NL)]
+        st3 = [reg(f"st3_{o}", stat_layout) for o in range(NL)]
+        vb3 = reg("vblk3", vec)
+        m.d.sync += vb3.eq(vb2)
+        for o in range(NL):
+            m.d.sync += [sc3[o].eq(requant_signed(dot2[o], self.score_shift, q.score, q.rounding,
+                                                  q.overflow)),
+                         fl3[o].eq(fl2[o]), rw3[o].eq(rw2[o]), st3[o].eq(st2[o])]
+
+        # QK pass -> SoftmaxStats (its input is always ready here: at most one row ends per
+        # cycle and its output is always taken, so no hold register ever blocks)
+        sp = st.i.payload
+        m.d.comb += [st.i.valid.eq(v3 & ~av3), sp.head.eq(h3), st.o.ready.eq(1)]
+        for o in range(NL):
+            m.d.comb += [sp.score[o].eq(sc3[o]), sp.active[o].eq(fl3[o][0]),
+                         sp.first[o].eq(fl3[o][1]), sp.last[o].eq(fl3[o][2]), sp.row[o].eq(rw3[o])]
+        sw = smem.write_port()
+        m.d.comb += [sw.addr.eq(st.o.payload.row), sw.data.recip.eq(st.o.payload.recip),
+                     sw.data.m.eq(st.o.payload.m), sw.en.eq(st.o.valid)]
+        with m.If(st.o.valid):
+            m.d.sync += stats_cnt.eq(stats_cnt + 1)
+
+        # AV pass -> per-lane SoftmaxNorm (never stalled: o.ready = 1, fixed latency)
+        dl_v = [v3 & av3]
+        dl_h, dl_vb = [h3], [vb3]
+        dl_fl, dl_rw = [[fl3[o]] for o in range(NL)], [[rw3[o]] for o in range(NL)]
+        for k in range(self.NORM_LAT):
+            nv = Signal(name=f"dv{k}")
+            m.d.sync += nv.eq(dl_v[-1])
+            dl_v.append(nv)
+            nh, nvb = reg(f"dh{k}", Hb), reg(f"dvb{k}", vec)
+            m.d.sync += [nh.eq(dl_h[-1]), nvb.eq(dl_vb[-1])]
+            dl_h.append(nh)
+            dl_vb.append(nvb)
+            for o in range(NL):
+                f, r = reg(f"dfl{k}_{o}", 3), reg(f"drw{k}_{o}", Wr)
+                m.d.sync += [f.eq(dl_fl[o][-1]), r.eq(dl_rw[o][-1])]
+                dl_fl[o].append(f)
+                dl_rw[o].append(r)
+        for o in range(NL):
+            nm = norms[o]
+            m.d.comb += [nm.i.valid.eq(v3 & av3), nm.i.payload.score[0].eq(sc3[o]),
+                         nm.i.payload.m.eq(st3[o].m), nm.i.payload.recip.eq(st3[o].recip),
+                         nm.o.ready.eq(1)]
+
+        # ---- MAC: o[row] += p * V[key] ---------------------------------------------------------
+        vm, hm, vbm = dl_v[-1], dl_h[-1], dl_vb[-1]
+        abits = q.prob.bits + ain.bits + max(1, n.bit_length()) + 1
+        out_acc = Signal(data.ArrayLayout(signed(abits), dh), name="out_acc")
+        out_v = Signal(name="out_v")
+        out_row, out_head = reg("out_row", Wr), reg("out_head", Hb)
+        m.d.sync += out_v.eq(0)
+        for o in range(NL):
+            flm, rwm = dl_fl[o][-1], dl_rw[o][-1]
+            p = norms[o].o.payload.prob[0]
+            accs = [reg(f"acc{o}_{c}", signed(abits)) for c in range(dh)]
+            nsum = [Mux(flm[1], 0, accs[c]) + p * vbm[c] for c in range(dh)]
+            with m.If(vm & flm[0]):
+                m.d.sync += [accs[c].eq(nsum[c]) for c in range(dh)]
+                with m.If(flm[2]):
+                    m.d.sync += [out_v.eq(1), out_row.eq(rwm), out_head.eq(hm)]
+                    m.d.sync += [out_acc[c].eq(nsum[c]) for c in range(dh)]
+
+        # ---- output requantize -> FIFO -> o ----------------------------------------------------
+        ow = Signal(self.o_layout, name="out_word")
+        m.d.comb += [ow.row.eq(out_row), ow.head.eq(out_head)]
+        for c in range(dh):
+            m.d.comb += ow.data[c].eq(requant_signed(out_acc[c], self.out_shift, q.act,
+                                                     q.rounding, q.overflow))
+        m.d.comb += [fifo.w_data.eq(ow), fifo.w_en.eq(out_v), fifo.r_en.eq(self.o.ready),
+                     self.o.valid.eq(fifo.r_rdy), self.o.payload.eq(fifo.r_data)]
+        with m.If(self.o.valid & self.o.ready):
+            m.d.sync += out_cnt.eq(out_cnt + 1)
+        return m
