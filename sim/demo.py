@@ -4,6 +4,11 @@ Stages (each prints what it did and where its outputs are):
   1. float M3ViT (edge-moe preset, seeded weights) on a real image, both tasks -> PNG
   2. workload profile (MACs, parameters, bytes, expert routing on this image)
   3. CPU baseline of the float backbone (measured here)
+  4. golden fixed-point model (edge-moe-fixed) vs float on the same image, both tasks
+  5. compiled accelerator program run by the host driver on the Python machine model:
+     bit-exact against the golden model; DRAM bytes; cycle-model latency and energy (estimates)
+  6. the shipped trained tiny checkpoint: task metrics float vs golden (edge-moe-fixed, w8a16)
+  7. the report folder (JSON + PNGs + report.md)
 """
 from __future__ import annotations
 
@@ -52,6 +57,81 @@ def float_outputs(cfg, model, x, out: Path, desc: str) -> dict:
     return {"png": str(png), "tasks": {k: list(v.shape) for k, v in outs.items()}}
 
 
+def golden_stage(cfg, model, x) -> dict:
+    import numpy as np
+    import torch
+    from quant.config import get_quant_preset
+    from quant.golden import GoldenModel
+    from quant.qweights import quantize_weights
+
+    q = get_quant_preset("edge-moe-fixed")
+    gm = GoldenModel(cfg, q, quantize_weights(cfg, q, model.state_dict()))
+    out = {}
+    for t, name in enumerate(cfg.tasks):
+        t0 = time.perf_counter()
+        r = gm.forward(x[0].numpy(), t)
+        dt = time.perf_counter() - t0
+        with torch.no_grad():
+            f = model.forward_features(x, t)[0].double().numpy()
+        g = q.act.dequantize(r.features)
+        cos = float((g * f).sum() / np.linalg.norm(g) / np.linalg.norm(f))
+        sqnr = float(10 * np.log10((f ** 2).sum() / ((g - f) ** 2).sum()))
+        out[name] = {"cosine": cos, "sqnr_db": sqnr, "max_abs_err": float(np.abs(g - f).max()),
+                     "saturated": r.sat.saturated(), "seconds": dt}
+        print(f"task {name}: golden vs float cosine {cos:.7f}, SQNR {sqnr:.1f} dB, "
+              f"max |err| {out[name]['max_abs_err']:.2e}, saturations {r.sat.saturated()}, {dt:.2f} s")
+    return out
+
+
+def accelerator_stage(cfg, model, x) -> dict:
+    import numpy as np
+    from hw.config import get_hw_preset
+    from quant.compiler import compile_program
+    from quant.config import get_quant_preset
+    from quant.golden import GoldenModel
+    from quant.qweights import quantize_weights
+    from sim.driver import PythonBackend
+    from sim.energy import energy_estimate
+    from sim.perf_model import inference_cycles
+
+    q, hw = get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
+    qw = quantize_weights(cfg, q, model.state_dict())
+    prog = compile_program(cfg, q, hw, qw)
+    drv = PythonBackend.for_program(prog).driver()
+    drv.load(prog)
+    gm = GoldenModel(cfg, q, qw, hw.attn_p)
+    out = {"program_instructions": len(prog.instrs), "image_bytes": prog.image_bytes}
+    print(f"program: {len(prog.instrs)} instructions, memory image {prog.image_bytes / 1e6:.1f} MB")
+    for t, name in enumerate(cfg.tasks):
+        r = drv.run(x[0].numpy(), t)
+        g = gm.forward(x[0].numpy(), t)
+        exact = bool(np.array_equal(r.features, g.features))
+        if not exact:
+            raise SystemExit(f"demo: task {name}: driver output differs from the golden model")
+        perf = inference_cycles(cfg, q, hw, g.routing, routing_source=f"golden routing, task {name}")
+        en = energy_estimate(cfg, q, hw, perf=perf)
+        out[name] = {"bit_exact_vs_golden": exact, "dram_bytes_read": r.dram_bytes_read,
+                     "cycles_estimate": perf["totals"]["cycles"], "ms_estimate": perf["totals"]["ms"],
+                     "mac_utilisation_estimate": perf["totals"]["mac_utilisation"],
+                     "energy_estimate": {k: en[k] for k in ("label", "watts", "j_per_image", "j_per_image_band")}}
+        print(f"task {name}: bit-exact vs golden: {exact}; DRAM read {r.dram_bytes_read / 1e6:.2f} MB")
+        print(f"  ESTIMATE (cycle model, golden routing): {perf['totals']['cycles']:,} cycles = "
+              f"{perf['totals']['ms']:.2f} ms at {hw.clock_mhz:.0f} MHz, MAC utilisation "
+              f"{perf['totals']['mac_utilisation']:.2f}; {en['watts']:.1f} W, {en['j_per_image']:.3f} J/image "
+              f"(+-{en['uncertainty']:.0%})")
+    return out
+
+
+def trained_stage(ckpt: str, n: int) -> dict:
+    from model.evaluate import evaluate_checkpoint, format_report
+    if not Path(ckpt).exists():
+        print(f"no checkpoint at {ckpt}: skipped")
+        return {"skipped": f"no checkpoint at {ckpt}"}
+    rep = evaluate_checkpoint(ckpt, quant=("edge-moe-fixed", "w8a16"), n=n)
+    print(format_report(rep))
+    return rep
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="edge-moe")
@@ -59,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image", default=None, help="input image (default: shared Cityscapes image, else a sample photo)")
     ap.add_argument("--bench-iters", type=int, default=20)
+    ap.add_argument("--ckpt", default=str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"))
+    ap.add_argument("--eval-n", type=int, default=16, help="test scenes for the trained-checkpoint metrics")
+    ap.add_argument("--quick", action="store_true", help="skip the trained-checkpoint and report stages")
     args = ap.parse_args(argv)
 
     import torch
@@ -94,6 +177,22 @@ def main(argv=None) -> int:
     r = measure(cfg.name, "cpu", "fp32", 1, iters=args.bench_iters, threads=torch.get_num_threads())
     print(format_result(r))
     report["cpu_baseline"] = r
+
+    _stage("4. golden fixed-point model vs float (edge-moe-fixed)")
+    report["golden"] = golden_stage(cfg, model, x)
+
+    _stage("5. compiled program on the host driver (Python machine model) + estimates")
+    report["accelerator"] = accelerator_stage(cfg, model, x)
+
+    if not args.quick:
+        _stage("6. trained tiny checkpoint: float vs golden task metrics")
+        report["trained_tiny"] = trained_stage(args.ckpt, args.eval_n)
+
+        _stage("7. report folder")
+        from sim.report import build_report
+        build_report(cfg.name, out / "report", quants=("edge-moe-fixed", "w8a16"), cpu_iters=5,
+                     sweep_grid={"tiles": [(8, 8), (16, 16), (32, 16), (32, 32)], "attn_p": [2, 4, 8]})
+        print(f"wrote {out / 'report'}/report.md")
 
     rep = out / "demo.json"
     rep.write_text(json.dumps(report, indent=1, default=str))

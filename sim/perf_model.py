@@ -1,0 +1,481 @@
+"""Whole-inference cycle model of the accelerator (an ESTIMATE until validated against the RTL).
+
+inference_cycles(cfg, qcfg, hwcfg, routing) walks the program the compiler emits for the model
+(quant.compiler.emit_instructions; no weights are needed) and charges every executed
+instruction its cycles; the expert-loop body runs once per ACTIVE expert of the routing, over
+that expert's queue length. Instructions run one after another (the controller starts an
+instruction after the previous one's last output), so the total is the sum. Every term is
+below, each in one function, so that the RTL validation (target: within 5 %) can point at the
+term that differs.
+
+Clock and DRAM
+  beat rate r = min(1, dram_gbps * 1e9 / (axi_data_bits / 8 * clock_hz)) beats per cycle: the
+  AXI port takes at most one beat per cycle; a slower DRAM stretches every transfer by 1/r.
+  A DRAM read of b beats costs dram_latency_cycles + ceil(b / r) cycles (first-beat latency
+  once per transfer: a new instruction's stream is not requested before the instruction
+  starts). DRAM bytes per instruction are quant.compiler.dram_traffic's (same routing).
+Instruction fetch (every executed instruction, loop bodies once per active expert)
+  dram_latency_cycles + ceil(1 / r) (one 32-byte instruction = one beat of a 256-bit port; a
+  narrower port needs 32 / (axi_data_bits / 8) beats) + PerfAssumptions.decode_cycles.
+  Fetch is not overlapped with the previous instruction (PerfAssumptions.prefetch = False).
+LOAD_ROWS / STORE: one DRAM transfer of the rows (act containers, beat padded).
+LAYERNORM: gamma|beta transfer, then rows * ceil(D / lanes) beats through the unit plus its
+  pipeline latency (hw.layernorm LayerNorm.LATENCY: first input beat -> first output beat).
+LINEAR: dram_latency_cycles (first weight beat) + the compute unit's schedule: with r = 1
+  exactly sim.perf.linear_timing (weight-stream beats at one per cycle, ping-pong tiles, passes
+  of R rows, epilogue); with r < 1 the same schedule with every tile and bias load stretched to
+  ceil(beats / r) cycles (linear_schedule; no read-ahead beyond the shadow register). Queue
+  modes (expert fc1 / fc2) use R = the expert's queue length.
+ATTENTION, per head (heads run one after another; the score memory holds one head):
+  QK^T   quant.schedule.attention_cycles(n, P) cycles (one K block read per cycle, P lanes of
+         head_dim MACs: the attention engine's peak is P * head_dim MACs per cycle), times
+         PerfAssumptions.qk_cycles_per_key;
+  drain  SoftmaxStats.LATENCY (hw.softmax): the last row's (max, 1/sum) leaves the divider;
+  A.V    on the MAC array, weight-stationary like a linear layer: "weights" = V^T of the head
+         (k = n keys, N = head_dim), x rows = the n probability rows produced by SoftmaxNorm
+         (hw.softmax_norm, `lanes` probabilities per cycle, so one T_in-key chunk of a row takes
+         ceil(T_in / lanes) cycles) plus SoftmaxNorm.LATENCY once; V tiles come from the on-chip
+         W buffer at max(T_in, T_out) values per cycle, i.e. ceil(T_in*T_out / max(T_in, T_out))
+         cycles per tile, hidden by the ping-pong when a pass is longer; no bias; requantize to
+         act (epilogue as the qkv mode).
+GATE: n tokens at one per cycle + Gate.LATENCY + Gate.READ_LATENCY (hw.gate); the queue read
+  stream then overlaps the expert loop (the compute unit's q port).
+EXPERT_LOOP, END: instruction fetch only.
+
+Cycle classes per executed instruction (they sum to its cycles):
+  compute    cycles in which the unit does useful work: LINEAR / A.V: passes * R * row_cycles;
+             QK^T: the schedule's cycles; LAYERNORM: rows * beats; GATE: n tokens;
+  dram_wait  waiting on DRAM: instruction fetch, first-beat latencies, LOAD_ROWS / STORE /
+             LayerNorm parameter transfers, the first weight tile (+ bias) of a layer and the
+             weight-stall cycles between passes (memory-bound short expert queues);
+  overhead   everything else: pipeline fill/drain, epilogue tail, unit latencies, decode.
+MAC utilisation: useful MACs / (peak MACs per cycle of the unit * cycles) per instruction
+(MAC array: T_in * T_out; attention engine for QK^T: P * head_dim); whole inference: all
+matmul MACs / sum over instructions of (its unit's peak * its cycles), instructions without
+MACs counted at the MAC array's peak (the array idles then); macs_per_cycle = MACs / cycles.
+
+Routing: GoldenResult.routing style {block: {"topk_idx": [n, k] ints}} for every MoE block.
+routing=None uses uniform_routing(cfg): token t's slot s goes to expert (t*k + s) mod E, i.e.
+queues as even as possible and every expert active when n*k >= E (stated default; the golden
+model's real routing on an image is golden_routing()).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+# layer types of the breakdown, in network order
+CYCLE_TYPES = ("embed", "patch_embed", "layernorm", "qkv", "qk", "av", "proj", "mlp_fc1",
+               "mlp_fc2", "router", "gate", "expert_fc1", "expert_fc2", "store", "control")
+
+
+class PerfModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PerfAssumptions:
+    """The controller-level constants the RTL does not pin down yet (see module docstring)."""
+    decode_cycles: int = 1          # instruction decode after its fetch
+    prefetch: bool = False          # True: fetch hidden behind the previous instruction
+    qk_cycles_per_key: int = 1      # cycles per K block of the QK^T stream (1: W buffer banked
+                                    # so one K block of head_dim values is one read)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# DRAM
+# ---------------------------------------------------------------------------------------------
+def beat_rate(hwcfg) -> float:
+    """AXI beats per cycle the DRAM sustains: min(1, dram_gbps / (axi bytes * clock))."""
+    port = hwcfg.axi_data_bits / 8 * hwcfg.clock_mhz * 1e6
+    if hwcfg.dram_gbps <= 0:
+        raise PerfModelError(f"HWConfig '{hwcfg.name}': dram_gbps = {hwcfg.dram_gbps} must be > 0")
+    return min(1.0, hwcfg.dram_gbps * 1e9 / port)
+
+
+def stretch(beats: int, rate: float) -> int:
+    """Cycles to move `beats` AXI beats at `rate` beats per cycle."""
+    return beats if rate >= 1.0 else math.ceil(beats / rate - 1e-9)
+
+
+def dram_transfer_cycles(nbytes: int, hwcfg) -> int:
+    """First-beat latency + the beats of one transfer (0 bytes: no transfer, 0 cycles)."""
+    if nbytes <= 0:
+        return 0
+    B = hwcfg.axi_data_bits // 8
+    return hwcfg.dram_latency_cycles + stretch(-(-nbytes // B), beat_rate(hwcfg))
+
+
+def fetch_cycles(hwcfg, assume: PerfAssumptions) -> tuple[int, int]:
+    """(dram_wait, overhead) cycles of one instruction fetch + decode."""
+    from quant.program import INSTR_BYTES
+    if assume.prefetch:
+        return 0, assume.decode_cycles
+    return dram_transfer_cycles(INSTR_BYTES, hwcfg), assume.decode_cycles
+
+
+# ---------------------------------------------------------------------------------------------
+# the compute unit's schedule, generalised (tile load time, cycles per row chunk)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    cycles: int          # command handshake -> last output, inclusive
+    passes: int
+    compute_cycles: int  # passes * rows * row_cycles
+    first_load: int      # cycles before the first pass may start (bias + first tile load)
+    stall_cycles: int    # waits for a tile load between passes
+
+
+def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int, row_cycles: int,
+                    mac_stages: int, epi_latency: int) -> Schedule:
+    """sim.perf.linear_timing's tile-by-tile schedule with a tile taking `tile_load` cycles to
+    load (bias: `bias_load`, 0 without bias) and each row chunk `row_cycles` cycles. With
+    tile_load = tile_beats, bias_load = bias_beats, row_cycles = 1 it gives sim.perf's cycles
+    exactly (tests/test_perf_model.py checks it); used for r < 1 and for A.V."""
+    R = rows
+    D = R * row_cycles
+    loader, prev_start, bias_free, epi_free, last_y, stall = 1, None, 0, 0, 0, 0
+    bank_free = [0, 0]
+    s = first = 0
+    for j in range(nc):
+        for c in range(kc):
+            if c == 0 and bias_load:
+                loader = max(loader, bias_free) + bias_load
+            t0 = loader if prev_start is None else max(loader, prev_start)
+            loader = t0 + tile_load
+            s = loader
+            if prev_start is not None:
+                s = max(s, prev_start + D)
+                if R == 1:
+                    s = max(s, prev_start + 2 + mac_stages)
+                stall += max(0, s - (prev_start + D))
+            else:
+                first = s - 1
+            if c == 0:
+                s = max(s, bank_free[j % 2])
+                bias_free = s
+            prev_start = s
+        col_done = s + D + mac_stages + 1
+        e_start = max(col_done, epi_free)
+        epi_free = e_start + R + 1
+        bank_free[j % 2] = e_start + R + 2
+        last_y = e_start + R + epi_latency - 1
+    return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall)
+
+
+def epi_cycles(g, gelu: bool) -> int:
+    """Epilogue issue -> y handshake, as sim.perf counts it: the geometry's issue -> y valid
+    latency + 1 (the handshake cycle)."""
+    return g.epi_latency(gelu) + 1
+
+
+@lru_cache(maxsize=None)
+def _geometry(qcfg, hwcfg):
+    from hw.compute import compute_geometry
+    return compute_geometry(qcfg, hwcfg)
+
+
+def linear_layer(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode) -> dict:
+    """Cycles of one LINEAR execution (without its fetch and first-beat latency), split."""
+    from quant.linear import get_mode
+
+    from sim.perf import linear_timing
+    md = get_mode(mode)
+    g = _geometry(qcfg, hwcfg)
+    lay = g.layout
+    bias_beats = lay.bias_beats if md.bias else 0
+    r = beat_rate(hwcfg)
+    if r >= 1.0:
+        t = linear_timing(rows, k_in, n_out, hwcfg, qcfg, mode)
+        cycles, compute, stall, first = t.cycles, t.compute_cycles, t.stall_cycles, bias_beats + lay.tile_beats
+    else:
+        sch = linear_schedule(rows, lay.chunks(k_in), lay.tiles(n_out), stretch(lay.tile_beats, r),
+                              stretch(bias_beats, r), 1, g.mac_stages, epi_cycles(g, md.gelu))
+        cycles, compute, stall, first = sch.cycles, sch.compute_cycles, sch.stall_cycles, sch.first_load
+    return {"cycles": cycles, "compute": compute, "dram_wait": first + stall,
+            "overhead": cycles - compute - first - stall,
+            "passes": lay.chunks(k_in) * lay.tiles(n_out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# other units
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def unit_latencies(cfg, qcfg, hwcfg) -> dict:
+    """Pipeline latencies of the element-wise units, taken from the hardware generators."""
+    from hw.gate import Gate
+    from hw.layernorm import LayerNorm
+    from hw.softmax import SoftmaxStats
+    from hw.softmax_norm import SoftmaxNorm
+    ln = LayerNorm(qcfg, hwcfg, cfg)
+    out = {"layernorm": ln.LATENCY, "layernorm_beats": ln.plan.beats,
+           "softmax_stats": SoftmaxStats.from_model(qcfg, hwcfg, cfg).LATENCY,
+           "softmax_norm": SoftmaxNorm.LATENCY}
+    if cfg.moe_blocks:
+        gate = Gate(qcfg, hwcfg, cfg)
+        out.update(gate=gate.LATENCY, gate_read=gate.READ_LATENCY)
+    return out
+
+
+def attention_head(cfg, qcfg, hwcfg, assume: PerfAssumptions) -> dict:
+    """One head: {"qk": {...}, "av": {...}} cycle splits (see module docstring)."""
+    from quant.schedule import attention_cycles
+    n, dh = cfg.num_tokens, cfg.head_dim
+    lat = unit_latencies(cfg, qcfg, hwcfg)
+    qk = attention_cycles(n, hwcfg.attn_p, 1) * assume.qk_cycles_per_key
+    g = _geometry(qcfg, hwcfg)
+    lay = g.layout
+    port = max(hwcfg.t_in, hwcfg.t_out)
+    row_cycles = -(-hwcfg.t_in // hwcfg.lanes)
+    sch = linear_schedule(n, lay.chunks(n), lay.tiles(dh), -(-hwcfg.t_in * hwcfg.t_out // port), 0,
+                          row_cycles, g.mac_stages, epi_cycles(g, False))
+    av_cycles = sch.cycles + lat["softmax_norm"]
+    return {"qk": {"cycles": qk + lat["softmax_stats"], "compute": qk, "dram_wait": 0,
+                   "overhead": lat["softmax_stats"], "macs": n * n * dh,
+                   "peak": hwcfg.attn_p * dh},
+            "av": {"cycles": av_cycles, "compute": sch.compute_cycles, "dram_wait": 0,
+                   "overhead": av_cycles - sch.compute_cycles, "macs": n * n * dh,
+                   "peak": hwcfg.t_in * hwcfg.t_out}}
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------------------------
+def uniform_routing(cfg) -> dict:
+    """The stated default: token t's slot s -> expert (t*k + s) mod E (distinct per token)."""
+    n, k, E = cfg.num_tokens, cfg.top_k, cfg.num_experts
+    idx = (np.arange(n)[:, None] * k + np.arange(k)[None, :]) % E
+    return {b: {"topk_idx": idx.astype(np.int64)} for b in cfg.moe_blocks}
+
+
+def golden_routing(cfg, qcfg, hwcfg, task=0, image=None, seed: int = 0) -> tuple[dict, str]:
+    """Routing of the golden model on an image (default: model.images.load_image's) with the
+    compiler's seeded synthetic weights. Returns (routing, description)."""
+    from model.images import load_image
+    from quant.compiler import synthetic_state_dict
+    from quant.golden import GoldenModel
+    from quant.qweights import quantize_weights
+    if image is None:
+        x, desc = load_image(cfg)
+        image = x[0].numpy()
+    else:
+        desc = "given image"
+    qw = quantize_weights(cfg, qcfg, synthetic_state_dict(cfg, seed))
+    res = GoldenModel(cfg, qcfg, qw, hwcfg.attn_p).forward(np.asarray(image, np.float64),
+                                                          cfg.task_index(task))
+    return res.routing, (f"golden model routing, task {cfg.tasks[cfg.task_index(task)]}, {desc}, "
+                         f"synthetic weights seed {seed}")
+
+
+def expert_queues(cfg, routing) -> dict[int, list[tuple[int, int]]]:
+    """{block: [(expert, queue length), ...] of the active experts in increasing id}."""
+    from quant.schedule import ScheduleError, build_expert_queues
+    out = {}
+    for b in cfg.moe_blocks:
+        if b not in routing:
+            raise PerfModelError(f"routing has no entry for MoE block {b} (blocks {sorted(routing)})")
+        r = routing[b]
+        if not isinstance(r, dict) or "topk_idx" not in r:
+            raise PerfModelError(f"routing[{b}] must be a dict with 'topk_idx' [n, k] "
+                                 "(GoldenResult.routing): the queue lengths set the cycles")
+        idx = np.asarray(r["topk_idx"])
+        if idx.ndim != 2 or idx.shape != (cfg.num_tokens, cfg.top_k):
+            raise PerfModelError(f"routing[{b}]['topk_idx'] shape {list(idx.shape)} != "
+                                 f"[{cfg.num_tokens}, {cfg.top_k}] (num_tokens, top_k)")
+        try:
+            qs = build_expert_queues(idx, np.zeros(idx.shape), cfg.num_experts)
+        except ScheduleError as e:
+            raise PerfModelError(f"routing[{b}]: {e}") from None
+        out[b] = [(e, len(q.tokens)) for e, q in enumerate(qs) if len(q.tokens)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the program without weights
+# ---------------------------------------------------------------------------------------------
+def program_skeleton(cfg, qcfg, hwcfg):
+    """The compiled program's instructions and symbols (compile_program without the weights:
+    what dram_traffic needs); the memory image is empty."""
+    from quant.compiler import check_fit, emit_instructions, plan_regions, plan_weights
+    from quant.program import Program
+    check_fit(cfg, qcfg, hwcfg)
+    syms, wbytes = plan_weights(cfg, qcfg, hwcfg)
+    instrs, names = emit_instructions(cfg, syms)
+    regions = plan_regions(cfg, qcfg, hwcfg, wbytes, len(instrs))
+    return Program(cfg, qcfg, hwcfg, instrs, names, regions, syms, np.zeros(0, np.uint8))
+
+
+def _linear_type(name: str) -> str:
+    leaf = name.split(".")[-1]
+    return {"qkv": "qkv", "proj": "proj", "fc1": "mlp_fc1", "fc2": "mlp_fc2",
+            "gate_logits": "router", "expert_fc1": "expert_fc1", "expert_fc2": "expert_fc2",
+            "patch_embed": "patch_embed"}[leaf]
+
+
+def _mode_of(ins):
+    """The LinearMode of a LINEAR instruction's flags (the timing needs bias and gelu)."""
+    from quant.program import linear_mode
+    return linear_mode(ins.flags)
+
+
+def _block(name):
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole inference
+# ---------------------------------------------------------------------------------------------
+def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumptions | None = None,
+                     routing_source: str | None = None) -> dict:
+    """Cycles, latency, MAC utilisation and DRAM bytes of one image (module docstring)."""
+    from quant.compiler import dram_traffic
+    from quant.program import Op
+    assume = assumptions or PerfAssumptions()
+    if routing is None:
+        routing = uniform_routing(cfg)
+        routing_source = routing_source or ("uniform (stated default): token t slot s -> expert "
+                                            "(t*k + s) mod E, every expert active")
+    queues = expert_queues(cfg, routing)
+    prog = program_skeleton(cfg, qcfg, hwcfg)
+    traffic = dram_traffic(prog, routing)
+    rate = beat_rate(hwcfg)
+    f_dram, f_over = fetch_cycles(hwcfg, assume)
+    T, D = cfg.num_tokens, cfg.dim
+    lat = unit_latencies(cfg, qcfg, hwcfg)
+    B = hwcfg.axi_data_bits // 8
+    mac_peak = hwcfg.t_in * hwcfg.t_out
+    rows_out: list[dict] = []
+    body_left, cur_queues = 0, []
+
+    def row(name, type_, pc, split, macs=0, peak=mac_peak, expert=None, nrows=None, read=0, write=0,
+            fetch=0, k=None, n=None):
+        r = {"name": name, "type": type_, "block": _block(name), "pc": pc, "expert": expert,
+             "rows": nrows, "k": k, "n": n, "macs": int(macs), "peak_macs_per_cycle": peak,
+             "cycles": int(split["cycles"]), "compute": int(split["compute"]),
+             "dram_wait": int(split["dram_wait"]), "overhead": int(split["overhead"]),
+             "dram_read_bytes": int(read), "dram_write_bytes": int(write), "fetch_bytes": int(fetch)}
+        assert r["compute"] + r["dram_wait"] + r["overhead"] == r["cycles"] and min(
+            r["compute"], r["dram_wait"], r["overhead"]) >= 0, r
+        r["utilisation"] = r["macs"] / (peak * r["cycles"]) if r["macs"] else 0.0
+        rows_out.append(r)
+
+    def with_fetch(split):
+        return {"cycles": split["cycles"] + f_dram + f_over, "compute": split["compute"],
+                "dram_wait": split["dram_wait"] + f_dram, "overhead": split["overhead"] + f_over}
+
+    for pc, (ins, name) in enumerate(zip(prog.instrs, prog.names)):
+        tr = traffic.per_instr[pc]
+        in_body = body_left > 0
+        if in_body:
+            body_left -= 1
+        execs = cur_queues if in_body else [(None, None)]
+        if tr.executions != len(execs):
+            raise AssertionError(f"pc {pc} {name}: dram_traffic runs it {tr.executions} times, "
+                                 f"the routing gives {len(execs)}")
+        rd = tr.read_bytes // max(1, tr.executions)
+        wr = tr.write_bytes // max(1, tr.executions)
+        fb = tr.fetch_bytes // max(1, tr.executions)
+        op = ins.op
+        for expert, qlen in execs:
+            kw = dict(read=rd, write=wr, fetch=fb)
+            if op is Op.LINEAR:
+                mode = _mode_of(ins)
+                n_rows = qlen if in_body else ins.rows
+                s = linear_layer(n_rows, ins.k, ins.n, hwcfg, qcfg, mode)
+                s["dram_wait"] += hwcfg.dram_latency_cycles
+                s["cycles"] += hwcfg.dram_latency_cycles
+                row(name, _linear_type(name), pc, with_fetch(s), n_rows * ins.k * ins.n,
+                    expert=expert, nrows=n_rows, k=ins.k, n=ins.n, **kw)
+            elif op is Op.ATTENTION:
+                h = attention_head(cfg, qcfg, hwcfg, assume)
+                heads = ins.arg
+                qk = {k: v * heads for k, v in h["qk"].items() if k not in ("macs", "peak")}
+                av = {k: v * heads for k, v in h["av"].items() if k not in ("macs", "peak")}
+                row(name + ".qk", "qk", pc, with_fetch(qk), h["qk"]["macs"] * heads, h["qk"]["peak"],
+                    nrows=ins.rows, fetch=fb)
+                row(name + ".av", "av", pc, av, h["av"]["macs"] * heads, h["av"]["peak"], nrows=ins.rows)
+            elif op is Op.LAYERNORM:
+                beats = lat["layernorm_beats"]
+                par = dram_transfer_cycles(rd, hwcfg)
+                s = {"compute": ins.rows * beats, "dram_wait": par, "overhead": lat["layernorm"]}
+                s["cycles"] = sum(s.values())
+                row(name, "layernorm", pc, with_fetch(s), nrows=ins.rows, **kw)
+            elif op in (Op.LOAD_ROWS, Op.STORE):
+                c = dram_transfer_cycles(rd + wr, hwcfg)
+                row(name, "embed" if op is Op.LOAD_ROWS else "store", pc,
+                    with_fetch({"cycles": c, "compute": 0, "dram_wait": c, "overhead": 0}),
+                    nrows=ins.rows, **kw)
+            elif op is Op.GATE:
+                s = {"compute": ins.rows, "dram_wait": 0, "overhead": lat["gate"] + lat["gate_read"]}
+                s["cycles"] = sum(s.values())
+                row(name, "gate", pc, with_fetch(s), nrows=ins.rows, **kw)
+            elif op in (Op.EXPERT_LOOP, Op.END):
+                row(name, "control", pc, with_fetch({"cycles": 0, "compute": 0, "dram_wait": 0,
+                                                     "overhead": 0}), **kw)
+            else:
+                raise PerfModelError(f"pc {pc}: opcode {op.name} has no cycle model")
+        if op is Op.EXPERT_LOOP:
+            cur_queues = queues[_block(name)]
+            body_left = ins.arg
+
+    return _summarise(cfg, qcfg, hwcfg, rows_out, traffic, routing_source or "given routing",
+                      assume, rate)
+
+
+def _summarise(cfg, qcfg, hwcfg, rows, traffic, routing_source, assume, rate) -> dict:
+    by_type = {}
+    for t in CYCLE_TYPES:
+        rs = [r for r in rows if r["type"] == t]
+        if not rs:
+            continue
+        d = {k: sum(r[k] for r in rs) for k in ("cycles", "compute", "dram_wait", "overhead", "macs",
+                                                 "dram_read_bytes", "dram_write_bytes", "fetch_bytes")}
+        d["executions"] = len(rs)
+        d["peak_macs_per_cycle"] = rs[0]["peak_macs_per_cycle"]
+        d["utilisation"] = d["macs"] / (d["peak_macs_per_cycle"] * d["cycles"]) if d["macs"] else 0.0
+        by_type[t] = d
+    tot = {k: sum(r[k] for r in rows) for k in ("cycles", "compute", "dram_wait", "overhead", "macs")}
+    tot["ms"] = tot["cycles"] / (hwcfg.clock_mhz * 1e3)
+    tot["images_per_s"] = 1e3 / tot["ms"]
+    # cycle-weighted: each instruction against the peak of the unit that runs it (the MAC
+    # array's for instructions without MACs), so it stays <= 1 whatever P * head_dim is
+    tot["peak_mac_cycles"] = sum(r["peak_macs_per_cycle"] * r["cycles"] for r in rows)
+    tot["mac_utilisation"] = tot["macs"] / tot["peak_mac_cycles"]
+    tot["macs_per_cycle"] = tot["macs"] / tot["cycles"]
+    tot["dram_read_bytes"] = traffic.total_read
+    tot["dram_write_bytes"] = traffic.write
+    tot["dram_bytes"] = traffic.total_read + traffic.write
+    tot["dram_gbps_average"] = tot["dram_bytes"] / (tot["ms"] * 1e-3) / 1e9
+    for t in by_type.values():
+        t["share"] = t["cycles"] / tot["cycles"]
+    return {"estimate": True, "what": "cycle-model estimate (sim/perf_model.py), not a measurement",
+            "model": cfg.name, "quant": qcfg.name, "hw": hwcfg.name, "hwcfg": hwcfg.to_dict(),
+            "clock_mhz": hwcfg.clock_mhz, "beat_rate": rate, "routing": routing_source,
+            "assumptions": assume.to_dict(), "totals": tot, "by_type": by_type, "layers": rows}
+
+
+def format_breakdown(res: dict) -> str:
+    """Console table: where the cycles go per layer type."""
+    t = res["totals"]
+    lines = [f"{res['model']} / {res['quant']} / {res['hw']} at {res['clock_mhz']:g} MHz "
+             f"(ESTIMATE, {res['what']}); routing: {res['routing']}",
+             f"{'type':<12}{'execs':>6}{'cycles':>12}{'share':>7}{'compute':>11}{'dram_wait':>11}"
+             f"{'overhead':>10}{'util':>7}{'DRAM MB':>9}"]
+    for k, d in res["by_type"].items():
+        lines.append(f"{k:<12}{d['executions']:>6}{d['cycles']:>12,}{d['share']:>7.1%}{d['compute']:>11,}"
+                     f"{d['dram_wait']:>11,}{d['overhead']:>10,}{d['utilisation']:>7.2f}"
+                     f"{(d['dram_read_bytes'] + d['dram_write_bytes'] + d['fetch_bytes']) / 1e6:>9.3f}")
+    lines.append(f"{'total':<12}{'':>6}{t['cycles']:>12,}{'':>7}{t['compute']:>11,}{t['dram_wait']:>11,}"
+                 f"{t['overhead']:>10,}{t['mac_utilisation']:>7.2f}{t['dram_bytes'] / 1e6:>9.3f}")
+    lines.append(f"latency {t['ms']:.3f} ms/image ({t['images_per_s']:.1f} images/s), "
+                 f"{t['macs'] / 1e6:.1f} MMAC, DRAM {t['dram_bytes'] / 1e6:.2f} MB/image "
+                 f"({t['dram_gbps_average']:.2f} GB/s average)")
+    return "\n".join(lines)
