@@ -190,8 +190,7 @@ def main(argv=None) -> int:
 
         _stage("7. report folder")
         from sim.report import build_report
-        build_report(cfg.name, out / "report", quants=("edge-moe-fixed", "w8a16"), cpu_iters=5,
-                     sweep_grid={"tiles": [(8, 8), (16, 16), (32, 16), (32, 32)], "attn_p": [2, 4, 8]})
+        build_report(cfg.name, out / "report", quants=("edge-moe-fixed", "w8a16"), cpu_iters=5)
         print(f"wrote {out / 'report'}/report.md")
 
     rep = out / "demo.json"
