@@ -10,20 +10,33 @@ from __future__ import annotations
 import inspect
 
 
-def _requant(qcfg, hwcfg):
-    from .requant import Requant
-    return Requant(qcfg, hwcfg)
+def _lazy(module: str, attr: str, with_model: bool):
+    """A factory that imports hw.<module> only when the unit is built."""
+    import importlib
+
+    def target():
+        obj = importlib.import_module(f"hw.{module}")
+        for part in attr.split("."):       # e.g. "SoftmaxStats.from_model"
+            obj = getattr(obj, part)
+        return obj
+
+    def build2(qcfg, hwcfg):
+        return target()(qcfg, hwcfg)
+
+    def build3(qcfg, hwcfg, mcfg):
+        return target()(qcfg, hwcfg, mcfg)
+    return build3 if with_model else build2
 
 
 UNITS = {
-    "requant": _requant,
-    "layernorm": lambda qcfg, hwcfg, mcfg: __import__("hw.layernorm", fromlist=["LayerNorm"]).LayerNorm(qcfg, hwcfg, mcfg),
-    "gate": lambda qcfg, hwcfg, mcfg: __import__("hw.gate", fromlist=["Gate"]).Gate(qcfg, hwcfg, mcfg),
-    "gelu": lambda qcfg, hwcfg: __import__("hw.gelu", fromlist=["Gelu"]).Gelu(qcfg, hwcfg),
-    "softmax": lambda qcfg, hwcfg, mcfg: __import__("hw.softmax", fromlist=["x"]).SoftmaxStats.from_model(qcfg, hwcfg, mcfg),
-    "softmax_norm": lambda qcfg, hwcfg: __import__("hw.softmax_norm", fromlist=["x"]).SoftmaxNorm(qcfg, hwcfg),
-    "attention": lambda qcfg, hwcfg, mcfg: __import__("hw.attention", fromlist=["x"]).AttentionEngine.from_model(qcfg, hwcfg, mcfg),
-    "compute": lambda qcfg, hwcfg, mcfg: __import__("hw.compute", fromlist=["x"]).ComputeUnit(qcfg, hwcfg, mcfg),
+    "requant": _lazy("requant", "Requant", False),
+    "gelu": _lazy("gelu", "Gelu", False),
+    "softmax_norm": _lazy("softmax_norm", "SoftmaxNorm", False),
+    "softmax": _lazy("softmax", "SoftmaxStats.from_model", True),
+    "layernorm": _lazy("layernorm", "LayerNorm", True),
+    "gate": _lazy("gate", "Gate", True),
+    "attention": _lazy("attention", "AttentionEngine.from_model", True),
+    "compute": _lazy("compute", "ComputeUnit", True),
 }
 
 

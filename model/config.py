@@ -1,7 +1,7 @@
 """ModelConfig: every shape of the M3ViT backbone and task heads, validated in one place."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ Tensor classes (one Fmt each; all integers mean q * 2**-frac):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from .fixed import Fmt, FormatError, Overflow, Rounding
 

@@ -1,7 +1,7 @@
 import pytest
 
 from hw.config import HWConfig, HWConfigError, get_hw_preset
-from model.config import ConfigError, ModelConfig, get_preset
+from model.config import ConfigError, get_preset
 from quant.config import QuantConfig, get_quant_preset
 from quant.fixed import Fmt, FormatError
 
