@@ -1,0 +1,492 @@
+"""Accelerator: the whole edgemoe accelerator top for one (ModelConfig, QuantConfig, HWConfig).
+
+A controller fetches the program of quant/program.py (ISA and memory layout in its docstring)
+over the AXI4 master and executes it one instruction at a time on:
+  buffers    X, H, W (and L with MoE blocks): one memory each, words of G lanes (hw/accel_plan.py),
+             one read and one write port; the expert-queue memory (token, gate weight)
+  engines    LoadOp / StoreOp (hw/move_op.py), LinearOp (the compute unit, hw/linear_op.py),
+             LayerNormOp, AttentionOp, GateOp (hw/*_op.py): started by the controller, they talk
+             to the buffers through the top's three logical ports (RA: the op's source reads,
+             RB: destination reads, WA: destination writes) and receive DRAM beats (weights,
+             LayerNorm parameters, rows) from the AXI master's read stream.
+  AXI4 master (hw/axi.py): instruction fetch, weight / parameter / row reads, STORE writes.
+  AXI4-Lite slave: the register map of sim/driver.py (REGMAP_VERSION 1).
+Semantics = quant/interpreter.py Machine (the Python executor), bit for bit: buffer contents,
+the OUTPUT region, and the error code / pc of a bad program (for the checks listed below).
+
+Controller (one instruction at a time, no overlap between instructions):
+  FETCH    read the 32-byte instruction at PROGRAM_BASE + 32 * pc (one 256-bit beat)
+  DECODE   checks -> ERROR_CODE / ERROR_PC and stop:
+             ERR_ILLEGAL  bad opcode / enum / reserved or unused field set / LINEAR flag
+                          combination / LOAD_ROWS flags / shapes the generated units do not have
+                          (LAYERNORM k != dim, ATTENTION rows/k/arg != tokens/dim/heads, GATE
+                          rows/n/arg != tokens/experts/top_k) / k % G != 0 for LOAD_ROWS, STORE /
+                          src == dst / LOGIT without dst L / queue mode with rows or row_off
+             ERR_BUFFER   rows or widths beyond a buffer
+             ERR_ADDRESS  unaligned address, or an AXI error response (outside the memory)
+             ERR_LOOP     EXPERT_LOOP before GATE / nested / empty body; END or EXPERT_LOOP in a
+                          body; queue mode or Index.EXPERT outside a loop
+             ERR_DATA     LOAD_ROWS: a container that is not a sign-extended act code
+             ERR_RUNAWAY  2**20 instructions without END
+  EXEC     start the engine and the AXI transfer of the instruction, wait for the engine's done
+           (STORE: and every write response)
+  EXPERT_LOOP arg: the next arg instructions run once per active expert (increasing id; the
+           queue of expert e is entries q_base[e] .. + q_len[e] of the queue memory).
+Every unit is reset by START (a clean state after an error).
+
+Exported module `edgemoe_accel`: clk, rst; m_axi__* (AXI4 master, hw/axi.py), s_axil__*
+(AXI4-Lite slave, 8-bit byte addresses), irq (STATUS.DONE | STATUS.ERROR, level).
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from quant.compiler import _ln_sizes
+from quant.config import QuantConfig
+from quant.linear import tile_layout
+from quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY,
+                           FIELDS, INSTR_BYTES, ISA_VERSION, LOAD_ADD, USED, Buf, Flag, Op,
+                           _RESERVED, config_hash)
+
+from .accel_plan import AccelPlan, accel_plan, bits_for
+from .axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature
+from .config import HWConfig, HWConfigError
+
+MAX_INSTRUCTIONS = 1 << 20
+BUFS = ("X", "H", "W", "L")
+# register map (sim/driver.py)
+REG_ID, REG_VERSION, REG_CTRL, REG_STATUS, REG_ERROR_CODE, REG_ERROR_PC, REG_TASK, REG_HASH = range(0, 0x20, 4)
+REG_BASES = (0x20, 0x28, 0x30, 0x38)     # program, weights, image, output (LO; HI at +4)
+REG_CYCLES, REG_RBYTES, REG_WBYTES, REG_SAT, REG_INSTR = 0x40, 0x48, 0x50, 0x58, 0x5C
+ACCEL_ID, REGMAP_VERSION = 0x454D4F45, 1
+
+
+def _field(words, name):
+    w, lo, width = FIELDS[name]
+    return words[w][lo:lo + width]
+
+
+def _unused_masks() -> dict[Op, list[int]]:
+    """Per opcode, per word: bits of fields the opcode does not use (must be 0)."""
+    out = {}
+    for op in Op:
+        masks = [0] * 8
+        for f, (w, lo, width) in FIELDS.items():
+            if f != "op" and f not in USED[op]:
+                masks[w] |= ((1 << width) - 1) << lo
+        out[op] = masks
+    return out
+
+
+class Accelerator(wiring.Component):
+    def __init__(self, cfg, qcfg: QuantConfig, hwcfg: HWConfig):
+        self.cfg, self.qcfg, self.hwcfg = cfg, qcfg, hwcfg
+        if hwcfg.axi_data_bits != 8 * INSTR_BYTES:
+            raise HWConfigError(f"HWConfig '{hwcfg.name}': the controller fetches one instruction "
+                                f"per beat: axi_data_bits must be {8 * INSTR_BYTES}, got {hwcfg.axi_data_bits}")
+        self.plan = accel_plan(cfg, qcfg, hwcfg)
+        self.moe = bool(cfg.moe_blocks)
+        super().__init__({
+            "m_axi": Out(axi4_signature(hwcfg.axi_addr_bits, hwcfg.axi_data_bits)),
+            "s_axil": In(axil_signature(8)),
+            "irq": Out(1),
+            # trace for testbenches / ILA: one-cycle pulse per retired instruction (after it ran)
+            "retire": Out(1), "retire_pc": Out(20), "retire_expert": Out(8),
+        })
+
+    def elaborate(self, platform):
+        from .attention_op import AttentionOp
+        from .gate_op import GateOp
+        from .layernorm_op import LayerNormOp
+        from .linear_op import LinearOp
+        from .move_op import LoadOp, StoreOp
+
+        m = Module()
+        cfg, q, hw, p = self.cfg, self.qcfg, self.hwcfg, self.plan
+        AB, B = hw.axi_addr_bits, p.beat_bytes
+        beat_lg = (B - 1).bit_length()
+        layout = tile_layout(q, hw)
+
+        # --- bus interfaces ---------------------------------------------------------------------
+        soft_rst = Signal()                 # START: every unit back to its reset state
+        m.submodules.axim = axim = AxiMaster(AB, hw.axi_data_bits)
+        m.submodules.axil = axil = AxiLiteSlave(8)
+        wiring.connect(m, wiring.flipped(self.m_axi), axim.bus)
+        wiring.connect(m, wiring.flipped(self.s_axil), axil.bus)
+        m.d.comb += axim.clear.eq(soft_rst)
+
+        def unit(name, u):
+            m.submodules[name] = ResetInserter(soft_rst)(u)
+            return u
+
+        load = unit("load", LoadOp(p, q))
+        store = unit("store", StoreOp(p, q))
+        lin = unit("linear", LinearOp(cfg, q, hw))
+        ln = unit("layernorm", LayerNormOp(cfg, q, hw))
+        att = unit("attention", AttentionOp(cfg, q, hw))
+        gate = unit("gate", GateOp(cfg, q, hw)) if self.moe else None
+
+        # --- registers --------------------------------------------------------------------------
+        busy, done, error = Signal(), Signal(), Signal()
+        err_code, err_pc = Signal(8), Signal(32)
+        task = Signal(8)
+        bases = [Signal(64, name=f"base{i}") for i in range(4)]
+        cycles, rbytes, wbytes = Signal(64), Signal(64), Signal(64)
+        sat, retired = Signal(32), Signal(32)
+        counters64 = {REG_CYCLES: cycles, REG_RBYTES: rbytes, REG_WBYTES: wbytes}
+        hi_latch = Signal(32)
+        start_req = Signal()
+        m.d.comb += self.irq.eq(done | error)
+
+        with m.If(axil.wr_en):
+            with m.Switch(axil.wr_addr):
+                with m.Case(REG_CTRL):
+                    m.d.comb += start_req.eq(axil.wr_data[0] & ~busy)
+                with m.Case(REG_TASK):
+                    m.d.sync += task.eq(axil.wr_data)
+                for i, a in enumerate(REG_BASES):
+                    with m.Case(a):
+                        m.d.sync += bases[i][:32].eq(axil.wr_data)
+                    with m.Case(a + 4):
+                        m.d.sync += bases[i][32:].eq(axil.wr_data)
+        rd_val = Signal(32)
+        m.d.comb += axil.rd_data.eq(rd_val)
+        with m.If(axil.rd_en):
+            with m.Switch(axil.rd_addr):
+                regs = {REG_ID: ACCEL_ID, REG_VERSION: ISA_VERSION << 16 | REGMAP_VERSION,
+                        REG_STATUS: Cat(busy, done, error), REG_ERROR_CODE: err_code,
+                        REG_ERROR_PC: err_pc, REG_TASK: task, REG_HASH: config_hash(q, hw),
+                        REG_SAT: sat, REG_INSTR: retired}
+                for i, a in enumerate(REG_BASES):
+                    regs[a], regs[a + 4] = bases[i][:32], bases[i][32:]
+                for a, v in regs.items():
+                    with m.Case(a):
+                        m.d.sync += rd_val.eq(v)
+                for a, c in counters64.items():
+                    with m.Case(a):
+                        m.d.sync += [rd_val.eq(c[:32]), hi_latch.eq(c[32:])]
+                    with m.Case(a + 4):
+                        m.d.sync += rd_val.eq(hi_latch)
+                with m.Default():
+                    m.d.sync += rd_val.eq(0)
+
+        # --- buffers ----------------------------------------------------------------------------
+        RA = {"en": Signal(), "row": Signal(p.row_bits), "word": Signal(p.word_bits), "data": Signal(p.word_width)}
+        RB = {k: Signal.like(v, name=f"rb_{k}") for k, v in RA.items()}
+        WA = {k: Signal.like(v, name=f"wa_{k}") for k, v in RA.items()}
+        ins = [Signal(32, name=f"ins{i}") for i in range(8)]
+        op, src, dst = _field(ins, "op"), _field(ins, "src"), _field(ins, "dst")
+        bufs = {}
+        for i, name in enumerate(BUFS):
+            if name not in p.wpr:
+                continue
+            mem = Memory(shape=p.word_width, depth=p.depth(name), init=[])
+            m.submodules[f"buf_{name}"] = mem
+            rd, wr = mem.read_port(transparent_for=()), mem.write_port()
+            wpr, bid = p.wpr[name], int(Buf[name])
+            with m.If(src == bid):
+                m.d.comb += [rd.addr.eq(RA["row"] * wpr + RA["word"]), rd.en.eq(RA["en"])]
+            with m.Else():
+                m.d.comb += [rd.addr.eq(RB["row"] * wpr + RB["word"]), rd.en.eq(RB["en"])]
+            with m.If(dst == bid):
+                m.d.comb += [wr.addr.eq(WA["row"] * wpr + WA["word"]), wr.en.eq(WA["en"]),
+                             wr.data.eq(WA["data"])]
+            bufs[bid] = rd
+        with m.Switch(src):
+            for bid, rd in bufs.items():
+                with m.Case(bid):
+                    m.d.comb += RA["data"].eq(rd.data)
+        with m.Switch(dst):
+            for bid, rd in bufs.items():
+                with m.Case(bid):
+                    m.d.comb += RB["data"].eq(rd.data)
+
+        def bind_read(port, P, cond):
+            with m.If(cond):
+                m.d.comb += [P["en"].eq(port.en), P["row"].eq(port.row), P["word"].eq(port.word)]
+            m.d.comb += port.data.eq(P["data"])
+
+        def bind_write(port, cond):
+            with m.If(cond):
+                m.d.comb += [WA["en"].eq(port.en), WA["row"].eq(port.row), WA["word"].eq(port.word),
+                             WA["data"].eq(port.data)]
+
+        is_op = {o: (op == int(o)) for o in Op}
+        bind_read(lin.src, RA, is_op[Op.LINEAR])
+        bind_read(lin.dst_rd, RB, is_op[Op.LINEAR])
+        bind_write(lin.dst_wr, is_op[Op.LINEAR])
+        bind_read(ln.src, RA, is_op[Op.LAYERNORM])
+        bind_write(ln.dst, is_op[Op.LAYERNORM])
+        bind_read(att.src, RA, is_op[Op.ATTENTION])
+        bind_write(att.dst, is_op[Op.ATTENTION])
+        bind_read(load.dst_rd, RB, is_op[Op.LOAD_ROWS])
+        bind_write(load.dst_wr, is_op[Op.LOAD_ROWS])
+        bind_read(store.src, RA, is_op[Op.STORE])
+        if gate is not None:
+            bind_read(gate.src, RA, is_op[Op.GATE])
+            qmem = Memory(shape=p.row_bits + p.gate_bits, depth=p.q_entries, init=[])
+            m.submodules.queue = qmem
+            qr, qw = qmem.read_port(transparent_for=()), qmem.write_port()
+            m.d.comb += [qw.addr.eq(gate.qw.pos), qw.en.eq(gate.qw.en),
+                         qw.data.eq(Cat(gate.qw.token, gate.qw.weight)),
+                         qr.addr.eq(lin.queue.pos), qr.en.eq(lin.queue.en),
+                         lin.queue.token.eq(qr.data[:p.row_bits]), lin.queue.weight.eq(qr.data[p.row_bits:])]
+
+        # --- decode -----------------------------------------------------------------------------
+        flags, base_sel, index = _field(ins, "flags"), _field(ins, "base"), _field(ins, "index")
+        addr_f, stride = _field(ins, "addr"), _field(ins, "stride")
+        rows, row_off, k, n, arg = (_field(ins, f) for f in ("rows", "row_off", "k", "n", "arg"))
+        n_buf = 4 if self.moe else 3
+        wid = {int(Buf[b]): p.wpr[b] * p.G for b in BUFS if b in p.wpr}
+
+        def width_of(b):
+            w = Const(0, 16)
+            for bid, v in wid.items():
+                w = Mux(b == bid, v, w)
+            return w
+
+        in_loop = Signal()
+        expert = Signal(range(max(p.experts, 2)))
+        gate_ok = Signal()
+        queue_mode = (flags & int(Flag.GATHER | Flag.SCATTER | Flag.GATE)).any()
+        unused = _unused_masks()
+        illegal = Signal()
+        bad_buffer = Signal()
+        bad_loop = Signal()
+        ill_terms, buf_terms, loop_terms = [], [], []
+        ill_terms += [(ins[w] & mask).any() for w, mask in _RESERVED.items()]
+        ill_terms += [(op == 0) | (op > max(Op))]
+        ill_terms += [base_sel > 2, index > 2]
+        for o in Op:
+            ill_terms.append(is_op[o] & Cat(*[(ins[w] & unused[o][w]).any() for w in range(8)]).any())
+        src_used = is_op[Op.LAYERNORM] | is_op[Op.LINEAR] | is_op[Op.ATTENTION] | is_op[Op.GATE] | is_op[Op.STORE]
+        dst_used = is_op[Op.LOAD_ROWS] | is_op[Op.LAYERNORM] | is_op[Op.LINEAR] | is_op[Op.ATTENTION]
+        ill_terms += [src_used & ((src == 0) | (src >= n_buf + 1)), dst_used & ((dst == 0) | (dst >= n_buf + 1)),
+                      src_used & dst_used & (src == dst)]
+        ill_terms.append(is_op[Op.LOAD_ROWS] & (flags & ~LOAD_ADD & 0xFF).any())
+        logit = flags[4]
+        ill_terms.append(is_op[Op.LINEAR] & ((logit & (flags[1] | flags[2] | flags[3])) | (flags[2] & ~flags[3])
+                                            | (logit != (dst == int(Buf.L)))
+                                            | (queue_mode & ((rows != 0) | (row_off != 0)))))
+        ill_terms.append((is_op[Op.LOAD_ROWS] | is_op[Op.STORE]) & (k[:(p.G - 1).bit_length()] != 0
+                                                                    if p.G > 1 else Const(0)))
+        ill_terms.append(is_op[Op.LAYERNORM] & (k != p.dim))
+        ill_terms.append(is_op[Op.ATTENTION] & ((rows != p.tokens) | (k != p.dim) | (arg != p.heads)))
+        ill_terms.append(is_op[Op.GATE] & ((rows != p.tokens) | (n != p.experts) | (arg != p.top_k)
+                                           | (src != int(Buf.L)) | Const(not self.moe)))
+        m.d.comb += illegal.eq(Cat(*ill_terms).any())
+        R = p.R
+        sw, dw = width_of(src), width_of(dst)
+        buf_terms += [
+            is_op[Op.LOAD_ROWS] & ((row_off + rows > R) | (k > dw)),
+            is_op[Op.STORE] & ((rows > R) | (k > sw)),
+            is_op[Op.LAYERNORM] & ((rows > R) | (k > sw) | (k > dw)),
+            is_op[Op.LINEAR] & ~queue_mode & ((rows > R) | (row_off + rows > R)),
+            is_op[Op.LINEAR] & ((k > sw) | (n > dw)),
+            is_op[Op.ATTENTION] & ((rows > R) | (3 * k > sw) | (k > dw)),
+            is_op[Op.GATE] & ((rows > R) | (n > sw)),
+        ]
+        m.d.comb += bad_buffer.eq(Cat(*buf_terms).any())
+        loop_terms += [
+            is_op[Op.EXPERT_LOOP] & ((arg == 0) | ~gate_ok | in_loop),
+            in_loop & (is_op[Op.END] | is_op[Op.EXPERT_LOOP]),
+            is_op[Op.LINEAR] & ~in_loop & (queue_mode | (index == 2)),
+        ]
+        m.d.comb += bad_loop.eq(Cat(*loop_terms).any())
+
+        # address of the instruction's memory operand
+        idx_val = Mux(index == 1, task, Mux(index == 2, expert, 0))
+        base_val = Mux(base_sel == 0, bases[1], Mux(base_sel == 1, bases[2], bases[3]))
+        op_addr = Signal(AB)
+        m.d.sync += op_addr.eq(base_val + addr_f + idx_val * stride)
+        uses_mem = is_op[Op.LOAD_ROWS] | is_op[Op.LAYERNORM] | is_op[Op.LINEAR] | is_op[Op.STORE]
+
+        # transfer sizes
+        cb = p.act_cb
+        kc = Signal(16)
+        nc = Signal(16)
+        m.d.comb += [kc.eq((k + (p.G - 1)) >> (p.G - 1).bit_length()),
+                     nc.eq((n + (p.G - 1)) >> (p.G - 1).bit_length())]
+        lin_beats = Signal(24)
+        m.d.sync += lin_beats.eq(nc * (kc * layout.tile_beats + Mux(flags[0], layout.bias_beats, 0)))
+        vals = Signal(32)
+        m.d.sync += vals.eq(rows * k)
+        move_bytes = vals * cb
+        move_beats = (move_bytes + (B - 1)) >> beat_lg
+        tail = move_bytes[:beat_lg]               # bytes used in the last beat (0 = all)
+        last_strb = Signal(B)
+        with m.Switch(tail):
+            for t in range(B):
+                with m.Case(t):
+                    m.d.comb += last_strb.eq((1 << B) - 1 if t == 0 else (1 << t) - 1)
+        ln_beats = _ln_sizes(q, p.dim, B)[1] // B
+
+        # --- controller -------------------------------------------------------------------------
+        pc = Signal(20)
+        loop_start, loop_end = Signal(20), Signal(20)
+        rd_cmd_valid, wr_cmd_valid = Signal(), Signal()
+        rd_cmd_addr, rd_cmd_beats = Signal(AB), Signal(24)
+        m.d.comb += [axim.rd_cmd.valid.eq(rd_cmd_valid), axim.rd_cmd.payload.addr.eq(rd_cmd_addr),
+                     axim.rd_cmd.payload.beats.eq(rd_cmd_beats),
+                     axim.wr_cmd.valid.eq(wr_cmd_valid), axim.wr_cmd.payload.addr.eq(op_addr),
+                     axim.wr_cmd.payload.beats.eq(move_beats), axim.wr_cmd.payload.last_strb.eq(last_strb)]
+        with m.If(axim.rd_cmd.valid & axim.rd_cmd.ready):
+            m.d.sync += rd_cmd_valid.eq(0)
+        with m.If(axim.wr_cmd.valid & axim.wr_cmd.ready):
+            m.d.sync += wr_cmd_valid.eq(0)
+
+        # read beats to their consumer
+        fetching = Signal()
+        consumers = [(fetching, None), (is_op[Op.LOAD_ROWS], load.d), (is_op[Op.LAYERNORM], ln.p),
+                     (is_op[Op.LINEAR], lin.w)]
+        with m.If(fetching):
+            m.d.comb += axim.rd_data.ready.eq(1)
+        for cond, s in consumers[1:]:
+            with m.Elif(cond & busy):
+                m.d.comb += [s.valid.eq(axim.rd_data.valid), s.payload.eq(axim.rd_data.payload),
+                             axim.rd_data.ready.eq(s.ready)]
+        with m.Elif(~busy):
+            m.d.comb += axim.rd_data.ready.eq(1)     # drain beats of an aborted transfer
+        m.d.comb += [axim.wr_data.valid.eq(store.d.valid & is_op[Op.STORE]),
+                     axim.wr_data.payload.eq(store.d.payload), store.d.ready.eq(axim.wr_data.ready & is_op[Op.STORE])]
+
+        # engine command inputs (stable while the instruction runs)
+        qlen = Signal(p.qpos_bits + 1)
+        qbase = Signal(p.qpos_bits)
+        if gate is not None:
+            m.d.comb += [qlen.eq(gate.q_len[expert]), qbase.eq(gate.q_base[expert])]
+        m.d.comb += [
+            load.row_off.eq(row_off), load.words.eq(vals >> (p.G - 1).bit_length()),
+            load.wpr_k.eq(k >> (p.G - 1).bit_length()), load.add.eq(flags[0]),
+            store.words.eq(vals >> (p.G - 1).bit_length()), store.wpr_k.eq(k >> (p.G - 1).bit_length()),
+            lin.flags.eq(flags), lin.rows.eq(Mux(queue_mode, qlen, rows)), lin.row_off.eq(row_off),
+            lin.k.eq(k), lin.n.eq(n), lin.q_base.eq(qbase),
+            ln.rows.eq(rows),
+        ]
+        if gate is not None:
+            m.d.comb += gate.rows.eq(rows)
+
+        sat_sum = lin.sat + ln.sat + att.sat + load.sat + (gate.sat if gate is not None else 0)
+        sat_next = sat + sat_sum
+        with m.If(busy):
+            m.d.sync += [cycles.eq(cycles + 1), sat.eq(Mux(sat_next[32:].any(), 0xFFFF_FFFF, sat_next[:32]))]
+            with m.If(axim.rd_data.valid & axim.rd_data.ready):
+                m.d.sync += rbytes.eq(rbytes + B)
+            with m.If(axim.wr_data.valid & axim.wr_data.ready):
+                m.d.sync += wbytes.eq(wbytes + B)
+
+        engine_done = Signal()
+        m.d.comb += engine_done.eq(Mux(is_op[Op.LOAD_ROWS], load.done, 0) | Mux(is_op[Op.STORE], store.done, 0)
+                                   | Mux(is_op[Op.LINEAR], lin.done, 0) | Mux(is_op[Op.LAYERNORM], ln.done, 0)
+                                   | Mux(is_op[Op.ATTENTION], att.done, 0)
+                                   | (Mux(is_op[Op.GATE], gate.done, 0) if gate is not None else 0))
+        starts = {Op.LOAD_ROWS: load.start, Op.STORE: store.start, Op.LINEAR: lin.start,
+                  Op.LAYERNORM: ln.start, Op.ATTENTION: att.start}
+        if gate is not None:
+            starts[Op.GATE] = gate.start
+
+        def fail(code):
+            m.d.sync += [err_code.eq(code), err_pc.eq(pc), error.eq(1), busy.eq(0), in_loop.eq(0)]
+            m.next = "IDLE"
+
+        # next active expert above `expert` (priority encoder over the metaqueue)
+        def next_active(after):
+            found, nxt = Const(0, 1), Const(0, expert.shape())
+            if gate is not None:
+                for e in reversed(range(p.experts)):
+                    hit = gate.active[e] & ((e > after) if after is not None else Const(1, 1))
+                    nxt = Mux(hit, e, nxt)
+                    found = found | hit
+            return found, nxt
+
+        gate_ovf = gate.overflow if gate is not None else Const(0, 1)
+        ex_found, ex_next = next_active(expert)
+        first_found, first = next_active(None)
+        stored_done = Signal()
+
+        with m.FSM(name="ctrl"):
+            with m.State("IDLE"):
+                with m.If(start_req):
+                    m.d.comb += soft_rst.eq(1)
+                    m.d.sync += [busy.eq(1), done.eq(0), error.eq(0), err_code.eq(0), err_pc.eq(0),
+                                 pc.eq(0), cycles.eq(0), rbytes.eq(0), wbytes.eq(0), sat.eq(0),
+                                 retired.eq(0), in_loop.eq(0), gate_ok.eq(0)]
+                    m.next = "FETCH"
+            with m.State("FETCH"):
+                m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + pc * INSTR_BYTES),
+                             rd_cmd_beats.eq(1)]
+                m.next = "FETCH_WAIT"
+            with m.State("FETCH_WAIT"):
+                m.d.comb += fetching.eq(1)
+                with m.If(axim.error):
+                    fail(ERR_ADDRESS)
+                with m.Elif(axim.rd_data.valid):
+                    m.d.sync += [w.eq(axim.rd_data.payload[32 * i:32 * (i + 1)]) for i, w in enumerate(ins)]
+                    m.next = "DECODE"
+            with m.State("DECODE"):
+                # op_addr / sizes are registered from the instruction in this cycle
+                with m.If(retired >= MAX_INSTRUCTIONS):
+                    fail(ERR_RUNAWAY)
+                with m.Elif(illegal):
+                    fail(ERR_ILLEGAL)
+                with m.Elif(bad_loop):
+                    fail(ERR_LOOP)
+                with m.Elif(bad_buffer):
+                    fail(ERR_BUFFER)
+                with m.Else():
+                    m.d.sync += retired.eq(retired + 1)
+                    m.next = "ISSUE"
+            with m.State("ISSUE"):
+                with m.If(uses_mem & op_addr[:beat_lg].any()):
+                    fail(ERR_ADDRESS)
+                with m.Elif(is_op[Op.END]):
+                    m.d.sync += [busy.eq(0), done.eq(1)]
+                    m.next = "IDLE"
+                with m.Elif(is_op[Op.EXPERT_LOOP]):
+                    with m.If(first_found):
+                        m.d.sync += [in_loop.eq(1), expert.eq(first), loop_start.eq(pc + 1),
+                                     loop_end.eq(pc + arg), pc.eq(pc + 1)]
+                    with m.Else():
+                        m.d.sync += pc.eq(pc + arg + 1)
+                    m.next = "FETCH"
+                with m.Else():
+                    for o, s in starts.items():
+                        with m.If(is_op[o]):
+                            m.d.comb += s.eq(1)
+                    with m.If(is_op[Op.LOAD_ROWS] & (move_beats != 0)):
+                        m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(move_beats)]
+                    with m.If(is_op[Op.LAYERNORM]):
+                        m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(ln_beats)]
+                    with m.If(is_op[Op.LINEAR]):
+                        m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(lin_beats)]
+                    with m.If(is_op[Op.STORE] & (move_beats != 0)):
+                        m.d.sync += wr_cmd_valid.eq(1)
+                    m.d.sync += stored_done.eq(0)
+                    m.next = "EXEC"
+            with m.State("EXEC"):
+                with m.If(engine_done):
+                    m.d.sync += stored_done.eq(1)
+                with m.If(axim.error):
+                    fail(ERR_ADDRESS)
+                with m.Elif((engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle & ~rd_cmd_valid):
+                    with m.If(is_op[Op.LOAD_ROWS] & load.bad):
+                        fail(ERR_DATA)
+                    with m.Elif(is_op[Op.GATE] & gate_ovf):
+                        fail(ERR_BUFFER)
+                    with m.Else():
+                        m.d.comb += [self.retire.eq(1), self.retire_pc.eq(pc), self.retire_expert.eq(expert)]
+                        with m.If(is_op[Op.GATE]):
+                            m.d.sync += gate_ok.eq(1)
+                        # next pc: loop back / next expert / fall through
+                        with m.If(in_loop & (pc == loop_end)):
+                            with m.If(ex_found):
+                                m.d.sync += [expert.eq(ex_next), pc.eq(loop_start)]
+                            with m.Else():
+                                m.d.sync += [in_loop.eq(0), pc.eq(pc + 1)]
+                        with m.Else():
+                            m.d.sync += pc.eq(pc + 1)
+                        m.next = "FETCH"
+        return m

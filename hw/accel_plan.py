@@ -1,0 +1,125 @@
+"""AccelPlan: the shared geometry of the accelerator top (hw/accel.py) and its op engines.
+
+The top is generated for one (ModelConfig, QuantConfig, HWConfig): the attention, LayerNorm and
+gate units have their shapes fixed at generation (num_tokens, heads, head_dim, dim, experts,
+top_k), and the controller rejects an instruction whose shape differs (ERR_ILLEGAL).
+
+On-chip activation buffers (X, H, W, L of quant.program.Buf): each is a memory of `word`s of
+G = hwcfg.t_in lanes, `vb` bits per lane (vb = max(act.bits, gate_logit.bits), signed two's
+complement, lane k at bits [k*vb, (k+1)*vb)). Row r of a buffer with `wpr` words per row is words
+[r*wpr, (r+1)*wpr); value c of a row is lane c % G of word c // G. Lanes beyond a row's width
+hold whatever was last written there; consumers ignore them (the weight streams pad with zeros).
+
+Ports between the top and an op engine (hw/*_op.py) -- all in the engine's view:
+  BufRead   en, row, word (out); data (in, G*vb bits): the word is on `data` the cycle after a
+            cycle with en = 1 and stays there while en = 0 (a synchronous read port with enable).
+  BufWrite  en, row, word, data (out): the word is written at the clock edge ending a cycle
+            with en = 1. A read of the same word in that cycle returns the OLD value.
+  QueueRead en, pos (out); token, weight (in): expert-queue entry `pos`, timing as BufRead.
+  QueueWrite en, pos, token, weight (out).
+Engine control: `start` (in, one-cycle pulse; the command inputs are valid in that cycle and stay
+constant until `done`), `done` (out, one-cycle pulse after the engine's last buffer write has been
+issued; the next start may come in the cycle after done), `sat` (out, saturation events counted
+this cycle, summed by the top into SAT_COUNT).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amaranth.hdl import unsigned
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from quant.compiler import buffer_plan
+from quant.config import QuantConfig
+from quant.program import container_bytes
+
+from .config import HWConfig, HWConfigError
+
+
+def bits_for(n: int) -> int:
+    """Bits of an index 0..n-1 (at least 1)."""
+    return max(1, (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class AccelPlan:
+    G: int                  # lanes per buffer word (= t_in = t_out = lanes)
+    vb: int                 # bits per lane in buffer words
+    R: int                  # rows per buffer (act_buffer_tokens)
+    row_bits: int           # a row index (0..R-1)
+    rows_bits: int          # a row count (0..R)
+    wpr: dict               # buffer name -> words per row
+    word_bits: int          # a word-in-row index (largest buffer)
+    beat_bits: int          # AXI data width
+    beat_bytes: int
+    act_cb: int             # act container bytes in memory
+    vpb: int                # act values per beat (beat_bytes // act_cb)
+    tokens: int             # num_tokens of the model (attention n, gate N)
+    dim: int
+    heads: int
+    head_dim: int
+    experts: int            # 0 for a model without MoE blocks
+    top_k: int
+    q_entries: int          # expert-queue memory entries (tokens * top_k)
+    qpos_bits: int
+    gate_bits: int          # gate_prob bits (queue weight)
+
+    @property
+    def word_width(self) -> int:
+        return self.G * self.vb
+
+    def depth(self, buf: str) -> int:
+        return self.R * self.wpr[buf]
+
+
+def accel_plan(cfg, qcfg: QuantConfig, hwcfg: HWConfig) -> AccelPlan:
+    G = hwcfg.t_in
+    for f in ("t_out", "lanes"):
+        if getattr(hwcfg, f) != G:
+            raise HWConfigError(f"HWConfig '{hwcfg.name}': the accelerator top needs {f} = t_in "
+                                f"(one buffer word feeds every unit), got {f} = {getattr(hwcfg, f)}, t_in = {G}")
+    if cfg.dim % G:
+        raise HWConfigError(f"ModelConfig '{cfg.name}': dim = {cfg.dim} must be a multiple of "
+                            f"HWConfig '{hwcfg.name}'.t_in = {G} (rows are whole buffer words)")
+    dh = cfg.dim // cfg.heads
+    if dh % G:
+        raise HWConfigError(f"ModelConfig '{cfg.name}': head_dim = {dh} must be a multiple of t_in = {G}")
+    B = hwcfg.axi_data_bits // 8
+    cb = container_bytes(qcfg.act)
+    vpb = B // cb
+    if vpb < 1 or (vpb % G and G % vpb):
+        raise HWConfigError(f"HWConfig '{hwcfg.name}': {vpb} act values per {hwcfg.axi_data_bits}-bit "
+                            f"beat and t_in = {G}: one must divide the other")
+    plan = buffer_plan(cfg, qcfg, hwcfg)
+    wpr = {b.name: -(-b.width // G) for b in plan.buffers if b.name in ("X", "H", "W", "L")}
+    R = hwcfg.act_buffer_tokens
+    E = cfg.num_experts if cfg.moe_blocks else 0
+    k = cfg.top_k if cfg.moe_blocks else 0
+    qn = max(1, cfg.num_tokens * k)
+    return AccelPlan(
+        G=G, vb=max(qcfg.act.bits, qcfg.gate_logit.bits), R=R, row_bits=bits_for(R),
+        rows_bits=R.bit_length(), wpr=wpr, word_bits=bits_for(max(wpr.values())),
+        beat_bits=hwcfg.axi_data_bits, beat_bytes=B, act_cb=cb, vpb=vpb,
+        tokens=cfg.num_tokens, dim=cfg.dim, heads=cfg.heads, head_dim=dh, experts=E, top_k=k,
+        q_entries=qn, qpos_bits=bits_for(qn), gate_bits=qcfg.gate_prob.bits)
+
+
+def buf_read_signature(p: AccelPlan) -> wiring.Signature:
+    return wiring.Signature({"en": Out(1), "row": Out(p.row_bits), "word": Out(p.word_bits),
+                             "data": In(p.word_width)})
+
+
+def buf_write_signature(p: AccelPlan) -> wiring.Signature:
+    return wiring.Signature({"en": Out(1), "row": Out(p.row_bits), "word": Out(p.word_bits),
+                             "data": Out(p.word_width)})
+
+
+def queue_read_signature(p: AccelPlan) -> wiring.Signature:
+    return wiring.Signature({"en": Out(1), "pos": Out(p.qpos_bits), "token": In(p.row_bits),
+                             "weight": In(unsigned(p.gate_bits))})
+
+
+def queue_write_signature(p: AccelPlan) -> wiring.Signature:
+    return wiring.Signature({"en": Out(1), "pos": Out(p.qpos_bits), "token": Out(p.row_bits),
+                             "weight": Out(unsigned(p.gate_bits))})
