@@ -17,15 +17,17 @@ the OUTPUT region, and the error code / pc of a bad program (for the checks list
 Controller (one instruction at a time, no overlap between instructions):
   FETCH    read the 32-byte instruction at PROGRAM_BASE + 32 * pc (one 256-bit beat)
   DECODE   checks -> ERROR_CODE / ERROR_PC and stop:
+             (in this order of priority)
              ERR_ILLEGAL  bad opcode / enum / reserved or unused field set / LINEAR flag
-                          combination / LOAD_ROWS flags / shapes the generated units do not have
-                          (LAYERNORM k != dim, ATTENTION rows/k/arg != tokens/dim/heads, GATE
-                          rows/n/arg != tokens/experts/top_k) / k % G != 0 for LOAD_ROWS, STORE /
-                          src == dst / LOGIT without dst L / queue mode with rows or row_off
-             ERR_BUFFER   rows or widths beyond a buffer
-             ERR_ADDRESS  unaligned address, or an AXI error response (outside the memory)
+                          combination / LOAD_ROWS flags / src == dst
              ERR_LOOP     EXPERT_LOOP before GATE / nested / empty body; END or EXPERT_LOOP in a
                           body; queue mode or Index.EXPERT outside a loop
+             ERR_ILLEGAL  shapes the generated units do not have
+                          (LAYERNORM k != dim, ATTENTION rows/k/arg != tokens/dim/heads, GATE
+                          rows/n/arg != tokens/experts/top_k) / k % G != 0 for LOAD_ROWS, STORE /
+                          LOGIT without dst L / queue mode with rows or row_off
+             ERR_BUFFER   rows or widths beyond a buffer
+             ERR_ADDRESS  unaligned address, or an AXI error response (outside the memory)
              ERR_DATA     LOAD_ROWS: a container that is not a sign-extended act code
              ERR_RUNAWAY  2**20 instructions without END
   EXEC     start the engine and the AXI transfer of the instruction, wait for the engine's done
@@ -94,7 +96,7 @@ class Accelerator(wiring.Component):
             "s_axil": In(axil_signature(8)),
             "irq": Out(1),
             # trace for testbenches / ILA: one-cycle pulse per retired instruction (after it ran)
-            "retire": Out(1), "retire_pc": Out(20), "retire_expert": Out(8),
+            "retire": Out(1), "retire_pc": Out(20), "retire_expert": Out(8), "busy": Out(1),
         })
 
     def elaborate(self, platform):
@@ -139,7 +141,7 @@ class Accelerator(wiring.Component):
         counters64 = {REG_CYCLES: cycles, REG_RBYTES: rbytes, REG_WBYTES: wbytes}
         hi_latch = Signal(32)
         start_req = Signal()
-        m.d.comb += self.irq.eq(done | error)
+        m.d.comb += [self.irq.eq(done | error), self.busy.eq(busy)]
 
         with m.If(axil.wr_en):
             with m.Switch(axil.wr_addr):
@@ -268,16 +270,19 @@ class Accelerator(wiring.Component):
                       src_used & dst_used & (src == dst)]
         ill_terms.append(is_op[Op.LOAD_ROWS] & (flags & ~LOAD_ADD & 0xFF).any())
         logit = flags[4]
-        ill_terms.append(is_op[Op.LINEAR] & ((logit & (flags[1] | flags[2] | flags[3])) | (flags[2] & ~flags[3])
-                                            | (logit != (dst == int(Buf.L)))
-                                            | (queue_mode & ((rows != 0) | (row_off != 0)))))
-        ill_terms.append((is_op[Op.LOAD_ROWS] | is_op[Op.STORE]) & (k[:(p.G - 1).bit_length()] != 0
+        ill_terms.append(is_op[Op.LINEAR] & ((logit & (flags[1] | flags[2] | flags[3])) | (flags[2] & ~flags[3])))
+        # after the loop checks (the interpreter's order): shapes of this hardware
+        op_terms = [is_op[Op.LINEAR] & ((logit != (dst == int(Buf.L)))
+                                        | (queue_mode & ((rows != 0) | (row_off != 0))))]
+        op_terms.append((is_op[Op.LOAD_ROWS] | is_op[Op.STORE]) & (k[:(p.G - 1).bit_length()] != 0
                                                                     if p.G > 1 else Const(0)))
-        ill_terms.append(is_op[Op.LAYERNORM] & (k != p.dim))
-        ill_terms.append(is_op[Op.ATTENTION] & ((rows != p.tokens) | (k != p.dim) | (arg != p.heads)))
-        ill_terms.append(is_op[Op.GATE] & ((rows != p.tokens) | (n != p.experts) | (arg != p.top_k)
+        op_terms.append(is_op[Op.LAYERNORM] & (k != p.dim))
+        op_terms.append(is_op[Op.ATTENTION] & ((rows != p.tokens) | (k != p.dim) | (arg != p.heads)))
+        op_terms.append(is_op[Op.GATE] & ((rows != p.tokens) | (n != p.experts) | (arg != p.top_k)
                                            | (src != int(Buf.L)) | Const(not self.moe)))
         m.d.comb += illegal.eq(Cat(*ill_terms).any())
+        illegal_op = Signal()
+        m.d.comb += illegal_op.eq(Cat(*op_terms).any())
         R = p.R
         sw, dw = width_of(src), width_of(dst)
         buf_terms += [
@@ -434,6 +439,8 @@ class Accelerator(wiring.Component):
                     fail(ERR_ILLEGAL)
                 with m.Elif(bad_loop):
                     fail(ERR_LOOP)
+                with m.Elif(illegal_op):
+                    fail(ERR_ILLEGAL)
                 with m.Elif(bad_buffer):
                     fail(ERR_BUFFER)
                 with m.Else():

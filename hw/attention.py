@@ -49,6 +49,14 @@ Exported module `edgemoe_attention`, W = bits of n-1, Hb = bits of heads-1 (both
   o__payload__data    out dh*act.bits   o[row, head*dh + c] at bits [c*act.bits, ...), signed
   k_rd, q_rd, v_rd    out 1   a K / Q / V block is read this cycle
   av                  out 1   the schedule running now is the AV pass
+  sat                 out Sb  saturation events this cycle (registered), Sb = bits of
+                              2*lanes + attn_p + 1 + dh: every event Machine._op_attention's
+                              SatCounter counts after attn_in -- score requantize (per score, QK
+                              pass only: the AV pass recomputes the same scores), softmax sum (per
+                              score) and recip (per row) from SoftmaxStats.sat, prob (per
+                              probability, active lanes only) from SoftmaxNorm.sat_count, output
+                              requantize (per output code). A layer's events are all reported by
+                              the cycle its last output row is handed over.
 Rows of a head come out in the order they finish (lane o's rows end at distinct cycles), heads
 in order; the consumer places them by tag.
 Throughput: P (query row, key) pairs per cycle in each pass (both passes at utilisation
@@ -70,8 +78,8 @@ SoftmaxNorm 2 per lane), no BRAM (the Q/K/V memories of 18 rows become LUTRAM). 
 ECP5-85k out of context: the tiny shape at P = 4 does not fit (784 MULT18X18D needed, 156
 there); P = 1, n = 9, H = 2, dh = 8 reaches about 41 MHz (the one-cycle dot product and the
 SoftmaxStats S loop).
-Not handled: saturation flags (score, prob, output) are not reported by the RTL; the dot
-product is one adder tree per cycle (no pipelined DSP cascade), which limits Fmax.
+Not handled: the dot product is one adder tree per cycle (no pipelined DSP cascade), which
+limits Fmax.
 """
 from __future__ import annotations
 
@@ -85,12 +93,15 @@ from quant.config import QuantConfig
 from quant.fixed import Fmt, FormatError, Overflow, Rounding
 
 from .config import HWConfig
+from .requant import popcount
 from .softmax import SoftmaxStats, softmax_m_bits
 from .softmax_norm import SoftmaxNorm
 
 
 def requant_signed(x, shift: int, dst: Fmt, rounding: Rounding, overflow: Overflow):
-    """quant.fixed.requantize of a signed Value by a right shift >= 1 (expression)."""
+    """quant.fixed.requantize of a signed Value by a right shift >= 1: (code, over), both
+    expressions; over = the rounded value left dst's range (counted under SAT and WRAP alike,
+    as quant.fixed.Fmt.fit counts)."""
     if shift < 1:
         raise FormatError(f"attention: requantize shift {shift} must be >= 1")
     x = x.as_signed()
@@ -104,9 +115,11 @@ def requant_signed(x, shift: int, dst: Fmt, rounding: Rounding, overflow: Overfl
         qv = fl + half
     else:
         qv = fl + (half & (sticky | fl[0]))
+    over = (qv > dst.max_int) | (qv < dst.min_int)
     if Overflow(overflow) is Overflow.SAT:
-        return Mux(qv > dst.max_int, dst.max_int, Mux(qv < dst.min_int, dst.min_int, qv))[:dst.bits]
-    return qv[:dst.bits]
+        code = Mux(qv > dst.max_int, dst.max_int, Mux(qv < dst.min_int, dst.min_int, qv))
+        return code[:dst.bits], over
+    return qv[:dst.bits], over
 
 
 class AttentionEngine(wiring.Component):
@@ -133,6 +146,9 @@ class AttentionEngine(wiring.Component):
                 raise FormatError(f"QuantConfig '{qcfg.name}': {nm} = {s} must be >= 1 "
                                   "(the engine rounds by a right shift)")
         self.NORM_LAT = SoftmaxNorm.LATENCY
+        # most events in one cycle: scores + sums + a recip + probs + an output row (a head's
+        # AV tail can overlap the next head's QK pass)
+        self.sat_max = self.lanes + self.P + 1 + self.lanes + head_dim
         w_layout = data.StructLayout({
             "sel": unsigned(2), "head": unsigned(self.head_bits), "row": unsigned(self.row_bits),
             "data": data.ArrayLayout(signed(ain.bits), head_dim)})
@@ -141,7 +157,8 @@ class AttentionEngine(wiring.Component):
             "data": data.ArrayLayout(signed(qcfg.act.bits), head_dim)})
         super().__init__({"w": In(stream.Signature(w_layout)),
                           "o": Out(stream.Signature(self.o_layout)),
-                          "k_rd": Out(1), "q_rd": Out(1), "v_rd": Out(1), "av": Out(1)})
+                          "k_rd": Out(1), "q_rd": Out(1), "v_rd": Out(1), "av": Out(1),
+                          "sat": Out(unsigned(self.sat_max.bit_length()))})
 
     @classmethod
     def from_model(cls, qcfg, hwcfg, mcfg) -> "AttentionEngine":
@@ -316,14 +333,15 @@ class AttentionEngine(wiring.Component):
         av3, h3 = reg("av3", 1), reg("head3", Hb)
         m.d.sync += [v3.eq(v2), av3.eq(av2), h3.eq(h2)]
         sc3 = [reg(f"score3_{o}", signed(q.score.bits)) for o in range(NL)]
+        sov3 = [reg(f"score_sat3_{o}", 1) for o in range(NL)]   # counted in the QK pass only
         fl3 = [reg(f"fl3_{o}", 3) for o in range(NL)]
         rw3 = [reg(f"row3_{o}", Wr) for o in range(NL)]
         st3 = [reg(f"st3_{o}", stat_layout) for o in range(NL)]
         vb3 = reg("vblk3", vec)
         m.d.sync += vb3.eq(vb2)
         for o in range(NL):
-            m.d.sync += [sc3[o].eq(requant_signed(dot2[o], self.score_shift, q.score, q.rounding,
-                                                  q.overflow)),
+            sc, ov = requant_signed(dot2[o], self.score_shift, q.score, q.rounding, q.overflow)
+            m.d.sync += [sc3[o].eq(sc), sov3[o].eq(v2 & ~av2 & fl2[o][0] & ov),
                          fl3[o].eq(fl2[o]), rw3[o].eq(rw2[o]), st3[o].eq(st2[o])]
 
         # QK pass -> SoftmaxStats (its input is always ready here: at most one row ends per
@@ -383,11 +401,18 @@ class AttentionEngine(wiring.Component):
         # ---- output requantize -> FIFO -> o ----------------------------------------------------
         ow = Signal(self.o_layout, name="out_word")
         m.d.comb += [ow.row.eq(out_row), ow.head.eq(out_head)]
+        out_ov = []
         for c in range(dh):
-            m.d.comb += ow.data[c].eq(requant_signed(out_acc[c], self.out_shift, q.act,
-                                                     q.rounding, q.overflow))
+            code, ov = requant_signed(out_acc[c], self.out_shift, q.act, q.rounding, q.overflow)
+            m.d.comb += ow.data[c].eq(code)
+            out_ov.append(ov)
         m.d.comb += [fifo.w_data.eq(ow), fifo.w_en.eq(out_v), fifo.r_en.eq(self.o.ready),
                      self.o.valid.eq(fifo.r_rdy), self.o.payload.eq(fifo.r_data)]
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += out_cnt.eq(out_cnt + 1)
+
+        # ---- saturation events (observation only: no effect on data or timing) ----------------
+        prob_ev = [Mux(vm & dl_fl[o][-1][0], norms[o].o.payload.sat_count, 0) for o in range(NL)]
+        m.d.sync += self.sat.eq(popcount(sov3) + st.sat + popcount(prob_ev)
+                                + Mux(out_v, popcount(out_ov), 0))
         return m

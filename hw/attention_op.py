@@ -8,8 +8,11 @@ k = dim, heads = cfg.heads (other shapes are ERR_ILLEGAL there), so it has no co
 Ports (engine view; G = hwcfg.t_in lanes per buffer word, S = dh / G words per head row):
   start  in   1   one-cycle pulse
   done   out  1   one-cycle pulse, the cycle after the last H word write
-  sat    out  8   attn_in saturations counted this cycle (registered, one cycle after the read
-                  data was consumed, so always before done)
+  sat    out  Sb  saturation events this cycle (Sb = max(8, bits of G + the engine's most
+                  events per cycle), 8 for every preset): the attn_in requantisations of the
+                  word consumed last cycle (registered) plus the engine's `sat` (score, softmax
+                  sum / recip / prob and output requantize events, registered there); every
+                  event is reported by the cycle of the last H write, so before done
   src    BufRead  (W): row r value c = lane c % G of word c // G; Q at [0, D), K at [D, 2D),
                   V at [2D, 3D), head h of each at columns h*dh .. (h+1)*dh (act codes)
   dst    BufWrite (H): row r values [0, D) (head h at h*dh ..) as act codes, sign-extended to
@@ -43,15 +46,15 @@ Cycles (start pulse at cycle 0; the engine's w port is always ready in its LOAD 
   small-8x8 (G = 8, P = 2): 217 + 267 + 3 + 1 = 488 cycles; zcu102-16x16 (G = 16, P = 4):
   109 + 195 + 1 + 1 = 306 cycles, both exactly the formula.
 
-Saturation: only the attn_in requantisation (n*3*D values, Machine's "pcX.attn.attn_in") is
-counted. AttentionEngine does not report its score, softmax (prob / sum / exp) or output (act)
-saturation events, so `sat` undercounts Machine's SatCounter whenever those occur (a gap of the
-wrapped unit, documented in hw/attention.py "Not handled"; the tests check the attn_in count
-exactly and report the difference).
+Saturation: `sat` summed over an op equals the total of Machine._op_attention's SatCounter:
+attn_in (per value, n*3*D, counted here), score (per score, H*n*n, the QK pass only), softmax
+sum (per score) and recip (per row), prob (per probability) and out (per output code, n*D),
+the last five counted by hw/attention.AttentionEngine (tests/test_attention_op.py asserts the
+equality with stimulus that saturates each of them).
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal, Value, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -81,7 +84,8 @@ class AttentionOp(wiring.Component):
         self.S = self.dh // p.G                 # words per head row (accel_plan: dh % G == 0)
         self.shift = qcfg.act.frac - qcfg.attn_in.frac
         self.engine = AttentionEngine(qcfg, hwcfg, self.n, self.H, self.dh)
-        super().__init__({"start": In(1), "done": Out(1), "sat": Out(unsigned(8)),
+        sat_bits = max(8, (p.G + self.engine.sat_max).bit_length())
+        super().__init__({"start": In(1), "done": Out(1), "sat": Out(unsigned(sat_bits)),
                           "src": Out(buf_read_signature(p)), "dst": Out(buf_write_signature(p))})
 
     def _requant_lane(self, x):
@@ -138,9 +142,9 @@ class AttentionOp(wiring.Component):
                     with m.Case(j):
                         m.d.sync += held[j].eq(Cat(*[_sext(lanes[k], q.attn_in.bits)
                                                       for k in range(G)]))
-        m.d.sync += self.sat.eq(0)
-        with m.If(consume):
-            m.d.sync += self.sat.eq(popcount(ovf))
+        in_sat = Signal(range(G + 1), name="in_sat")     # attn_in events of the last word
+        m.d.sync += in_sat.eq(Mux(consume, popcount(ovf), 0))
+        m.d.comb += self.sat.eq(in_sat + eng.sat)
 
         issue = Signal(name="issue")
         m.d.comb += issue.eq((phase == LOAD) & i_more & (~have | consume))

@@ -171,80 +171,90 @@ class StoreOp(wiring.Component):
         })
 
     def elaborate(self, platform):
+        from amaranth.lib.fifo import SyncFIFOBuffered
         m = Module()
         p, q = self.p, self.q
         G, vb, cb, A = p.G, p.vb, p.act_cb, q.act.bits
         cbits = 8 * cb
+        DEPTH = 8
         active = Signal()
         issued = Signal(self.wbits)          # words read from the buffer
+        popped = Signal(self.wbits)          # words taken out of the FIFO
         row = Signal(p.row_bits)
         col = Signal(p.word_bits)
-        pending = Signal()                   # a read was issued last cycle: data on src.data
-        have = Signal()                      # `word` holds a read word not yet packed
-        word = Signal(p.word_width)
-        # one word of containers: each lane sign-extended to the container
+        pending = Signal()                   # a read was issued last cycle: its word is on src.data
+        # words in containers, through a small FIFO so reads issue every cycle
+        m.submodules.fifo = fifo = SyncFIFOBuffered(width=G * cbits, depth=DEPTH)
         lanes = _lanes(self.src.data, G, vb)
-        packed = Cat(*[_extend(l[:A], cbits) for l in lanes])
-        m.d.comb += [self.src.row.eq(row), self.src.word.eq(col)]
-        with m.If(self.start):
-            m.d.sync += [active.eq(1), issued.eq(0), row.eq(0), col.eq(0), pending.eq(0), have.eq(0)]
+        m.d.comb += [fifo.w_data.eq(Cat(*[_extend(l[:A], cbits) for l in lanes])),
+                     fifo.w_en.eq(pending),
+                     self.src.row.eq(row), self.src.word.eq(col)]
+        issue = Signal()
+        m.d.comb += issue.eq(active & (issued < self.words) & (fifo.level + pending < DEPTH - 1))
+        with m.If(issue):
+            m.d.comb += self.src.en.eq(1)
+            m.d.sync += issued.eq(issued + 1)
+            with m.If(col == self.wpr_k - 1):
+                m.d.sync += [col.eq(0), row.eq(row + 1)]
+            with m.Else():
+                m.d.sync += col.eq(col + 1)
+        m.d.sync += pending.eq(issue)
 
+        out_valid = Signal()
+        out_beat = Signal(p.beat_bits)
+        m.d.comb += [self.d.valid.eq(out_valid), self.d.payload.eq(out_beat)]
+        free = ~out_valid | self.d.ready     # the output register can take a beat this cycle
+        with m.If(self.d.valid & self.d.ready):
+            m.d.sync += out_valid.eq(0)
         if p.vpb >= G:
             wpb = p.vpb // G
-            beat = Signal(p.beat_bits)
-            n = Signal(range(wpb + 1))       # words packed into `beat`
-            out_full = Signal()
-            packed_count = Signal(self.wbits)
-            m.d.comb += [self.d.valid.eq(out_full), self.d.payload.eq(beat)]
-            with m.If(self.d.valid & self.d.ready):
-                m.d.sync += [out_full.eq(0), beat.eq(0), n.eq(0)]
-            # pack: a word on src.data (pending) goes into the beat at slot n
-            can_pack = Signal()
-            m.d.comb += can_pack.eq(~out_full)
-            with m.If(pending & can_pack):
-                for i in range(wpb):
-                    with m.If(n == i):
-                        m.d.sync += beat[i * G * cbits:(i + 1) * G * cbits].eq(packed)
-                m.d.sync += [n.eq(n + 1), packed_count.eq(packed_count + 1)]
-                with m.If((n == wpb - 1) | (packed_count + 1 == self.words)):
-                    m.d.sync += out_full.eq(1)
-            with m.If(self.start):
-                m.d.sync += [packed_count.eq(0), n.eq(0), beat.eq(0), out_full.eq(0)]
-            # issue a read when the packing side will take it next cycle
-            issue = Signal()
-            m.d.comb += issue.eq(active & (issued < self.words) & ~out_full & ~(pending & (n == wpb - 1)))
-            with m.If(issue):
-                m.d.comb += self.src.en.eq(1)
-                m.d.sync += issued.eq(issued + 1)
-                with m.If(col == self.wpr_k - 1):
-                    m.d.sync += [col.eq(0), row.eq(row + 1)]
+            asm = Signal(p.beat_bits)        # beat being assembled
+            n = Signal(range(wpb + 1))
+            last_word = popped + 1 == self.words
+            # pop one word per cycle; a completed beat moves to the output when it is free
+            pop = Signal()
+            complete = Signal()
+            m.d.comb += complete.eq(fifo.r_rdy & ((n == wpb - 1) | last_word))
+            m.d.comb += pop.eq(fifo.r_rdy & (~complete | free))
+            m.d.comb += fifo.r_en.eq(pop)
+            with m.If(pop):
+                m.d.sync += popped.eq(popped + 1)
+                with m.If(complete):
+                    m.d.sync += [out_valid.eq(1), n.eq(0), asm.eq(0)]
+                    for i in range(wpb):
+                        with m.If(n == i):
+                            m.d.sync += out_beat.eq(Cat(asm[:i * G * cbits], fifo.r_data,
+                                                        Const(0, (wpb - 1 - i) * G * cbits)))
                 with m.Else():
-                    m.d.sync += col.eq(col + 1)
-            with m.If(~self.start):
-                m.d.sync += pending.eq(issue)
-            finished = active & (packed_count == self.words) & ~out_full & ~pending
+                    m.d.sync += n.eq(n + 1)
+                    for i in range(wpb):
+                        with m.If(n == i):
+                            m.d.sync += asm[i * G * cbits:(i + 1) * G * cbits].eq(fifo.r_data)
+            with m.If(self.start):
+                m.d.sync += [n.eq(0), asm.eq(0)]
+            finished = active & (popped == self.words) & ~out_valid
         else:
             bpw = G // p.vpb
-            sh = Signal(G * cbits)
-            left = Signal(range(bpw + 1))    # beats of `sh` still to send
-            m.d.comb += [self.d.valid.eq(left != 0), self.d.payload.eq(sh[:p.beat_bits])]
-            with m.If(self.d.valid & self.d.ready):
-                m.d.sync += [sh.eq(sh >> p.beat_bits), left.eq(left - 1)]
-            with m.If(pending):
-                m.d.sync += [sh.eq(packed), left.eq(bpw)]
-            issue = Signal()
-            m.d.comb += issue.eq(active & (issued < self.words) & (left == 0) & ~pending & ~self.start)
-            with m.If(issue):
-                m.d.comb += self.src.en.eq(1)
-                m.d.sync += issued.eq(issued + 1)
-                with m.If(col == self.wpr_k - 1):
-                    m.d.sync += [col.eq(0), row.eq(row + 1)]
-                with m.Else():
-                    m.d.sync += col.eq(col + 1)
-            with m.If(~self.start):
-                m.d.sync += pending.eq(issue)
-            finished = active & (issued == self.words) & (left == 0) & ~pending
+            sh = Signal(G * cbits - p.beat_bits)   # the word's beats after the current one
+            left = Signal(range(bpw))              # beats of `sh` still to send
+            more = left != 0
+            load = Signal()
+            m.d.comb += load.eq(fifo.r_rdy & ~more & free)
+            m.d.comb += fifo.r_en.eq(load)
+            with m.If(load):
+                m.d.sync += [out_beat.eq(fifo.r_data[:p.beat_bits]), out_valid.eq(1),
+                             sh.eq(fifo.r_data[p.beat_bits:]), left.eq(bpw - 1),
+                             popped.eq(popped + 1)]
+            with m.Elif(more & free):
+                m.d.sync += [out_beat.eq(sh[:p.beat_bits]), out_valid.eq(1),
+                             sh.eq(sh >> p.beat_bits), left.eq(left - 1)]
+            with m.If(self.start):
+                m.d.sync += left.eq(0)
+            finished = active & (popped == self.words) & ~more & ~out_valid
         with m.If(finished & ~self.start):
             m.d.comb += self.done.eq(1)
             m.d.sync += active.eq(0)
+        with m.If(self.start):
+            m.d.sync += [active.eq(1), issued.eq(0), popped.eq(0), row.eq(0), col.eq(0),
+                         out_valid.eq(0)]
         return m

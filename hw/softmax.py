@@ -63,6 +63,12 @@ n_tokens - 1, H = head_bits = bit length of heads - 1 (both at least 1):
   o__payload__row         out  W
   o__payload__head        out  H
   o__payload__sat         out  1        the row's sum or its reciprocal saturated (or wrapped)
+  sat                     out  bits(P+1) saturation events this cycle, as quant.approx's
+                                        SatCounter counts them: one per running-sum update that
+                                        left `sum` (per score, "<name>.sum") plus one per
+                                        reciprocal that left `recip` (per row, "<name>.recip");
+                                        registered, independent of o__ready (a row's events are
+                                        reported by the cycle the row comes out)
 Rows come out in the order their last scores arrive; when several wait (more than one last
 flag per beat, or output back-pressure) the lowest lane goes first, so a consumer places rows
 by (head, row), which every output carries. S = 0 (not reachable: the row max contributes at
@@ -90,6 +96,7 @@ from quant.fixed import Fmt, FormatError, Overflow, Rounding
 
 from .config import HWConfig
 from .pipeline import PipelineControl
+from .requant import popcount
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +273,10 @@ class SoftmaxStats(wiring.Component):
             "recip": unsigned(qcfg.recip.bits), "m": signed(self.m_bits),
             "row": unsigned(self.row_bits), "head": unsigned(self.head_bits), "sat": unsigned(1),
         })
+        self.sat_bits = (P + 1).bit_length()
         super().__init__({"i": In(stream.Signature(in_layout)),
-                          "o": Out(stream.Signature(self.out_layout))})
+                          "o": Out(stream.Signature(self.out_layout)),
+                          "sat": Out(unsigned(self.sat_bits))})
 
     @classmethod
     def from_model(cls, qcfg: QuantConfig, hwcfg: HWConfig, mcfg) -> "SoftmaxStats":
@@ -307,6 +316,7 @@ class SoftmaxStats(wiring.Component):
         meta_layout = data.StructLayout({"m": signed(Mb), "row": unsigned(self.row_bits),
                                          "head": unsigned(self.head_bits), "sat": unsigned(1)})
         holds = []
+        sum_ev = []                             # lane o's S update this cycle saturated
         for o in range(P):
             flags_in = Cat(inp.active[o], inp.first[o], inp.last[o])
             # stage 0: input register, ROM read (its data register belongs to this stage)
@@ -364,6 +374,7 @@ class SoftmaxStats(wiring.Component):
             tot = round_shift(s_prev, 0, d3, q.rounding) + e3
             s_new, s_over = fit_unsigned(tot, q.sum, q.overflow)
             sat_new = Mux(first3, 0, sat_state) | s_over
+            sum_ev.append(fire & act3 & s_over)
             hold = reg(f"hold_{o}", data.StructLayout({"S": unsigned(SB), "meta": meta_layout}))
             holds.append(hold)
             m.d.comb += blocked[o].eq(ctl.valid[-1] & act3 & last3 & hold_v[o] & ~grant[o])
@@ -440,4 +451,6 @@ class SoftmaxStats(wiring.Component):
                      fifo.w_data.eq(out_w), fifo.w_en.eq(dvalid),
                      fifo.r_en.eq(self.o.ready), self.o.valid.eq(fifo.r_rdy),
                      self.o.payload.eq(fifo.r_data)]
+        # event count: sums as they are committed, reciprocals as they enter the FIFO
+        m.d.sync += self.sat.eq(popcount(sum_ev) + (dvalid & r_sat))
         return m

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("sim.cmd_synth", "Yosys resource estimate (and --fmax: ECP5 Fmax) of one unit"),
     "calibrate": ("sim.cmd_calibrate", "choose per-tensor-class fixed-point formats from float ranges"),
     "quant-report": ("sim.cmd_quant_report", "golden vs float fidelity per layer (SQNR, cosine, routing) + PNG"),
+    "simulate": ("sim.cmd_simulate", "whole-inference RTL simulation of the accelerator (cocotb + Verilator), bit-exact check, cycles"),
     "compile": ("sim.cmd_compile", "compile a model to the accelerator's program + memory image"),
     "energy": ("sim.cmd_energy", "accelerator latency/energy estimate vs CPU (measured), GPU (bench JSON), Edge-MoE"),
     "sweep": ("sim.cmd_sweep", "design-space sweep (tiles, P, quant, bandwidth) via Dask -> Pareto front"),

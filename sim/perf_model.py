@@ -1,4 +1,4 @@
-"""Whole-inference cycle model of the accelerator (an ESTIMATE until validated against the RTL).
+"""Whole-inference cycle model of the accelerator (an estimate, validated against the RTL top).
 
 inference_cycles(cfg, qcfg, hwcfg, routing) walks the program the compiler emits for the model
 (quant.compiler.emit_instructions; no weights are needed) and charges every executed
@@ -18,28 +18,26 @@ Instruction fetch (every executed instruction, loop bodies once per active exper
   dram_latency_cycles + ceil(1 / r) (one 32-byte instruction = one beat of a 256-bit port; a
   narrower port needs 32 / (axi_data_bits / 8) beats) + PerfAssumptions.decode_cycles.
   Fetch is not overlapped with the previous instruction (PerfAssumptions.prefetch = False).
-LOAD_ROWS / STORE: one DRAM transfer of the rows (act containers, beat padded).
-LAYERNORM: gamma|beta transfer, then rows * ceil(D / lanes) beats through the unit plus its
-  pipeline latency (hw.layernorm LayerNorm.LATENCY: first input beat -> first output beat).
+Validated against the RTL top (hw/accel.py, sim/rtl_sim.py, `edgemoe simulate`): the terms below
+are the engines' start-to-done cycles as their docstrings and tests pin them.
+LOAD_ROWS / STORE (hw/move_op.py): one buffer word per cycle (two with ADD) and beats at the
+  DRAM rate, whichever is slower; LOAD waits the first-beat latency, STORE only its write
+  response; + MOVE_OVERHEAD.
+LAYERNORM (hw/layernorm_op.py): gamma|beta transfer (first-beat latency + beats), 2 * D/G cycles
+  of parameter writes, then rows * D/G words through the unit plus its pipeline latency
+  (hw.layernorm LayerNorm.LATENCY) + 3.
 LINEAR: dram_latency_cycles (first weight beat) + the compute unit's schedule: with r = 1
   exactly sim.perf.linear_timing (weight-stream beats at one per cycle, ping-pong tiles, passes
   of R rows, epilogue); with r < 1 the same schedule with every tile and bias load stretched to
   ceil(beats / r) cycles (linear_schedule; no read-ahead beyond the shadow register). Queue
   modes (expert fc1 / fc2) use R = the expert's queue length.
-ATTENTION, per head (heads run one after another; the score memory holds one head):
-  QK^T   quant.schedule.attention_cycles(n, P) cycles (one K block read per cycle, P lanes of
-         head_dim MACs: the attention engine's peak is P * head_dim MACs per cycle), times
-         PerfAssumptions.qk_cycles_per_key;
-  drain  SoftmaxStats.LATENCY (hw.softmax): the last row's (max, 1/sum) leaves the divider;
-  A.V    on the MAC array, weight-stationary like a linear layer: "weights" = V^T of the head
-         (k = n keys, N = head_dim), x rows = the n probability rows produced by SoftmaxNorm
-         (hw.softmax_norm, `lanes` probabilities per cycle, so one T_in-key chunk of a row takes
-         ceil(T_in / lanes) cycles) plus SoftmaxNorm.LATENCY once; V tiles come from the on-chip
-         W buffer at max(T_in, T_out) values per cycle, i.e. ceil(T_in*T_out / max(T_in, T_out))
-         cycles per tile, hidden by the ping-pong when a pass is longer; no bias; requantize to
-         act (epilogue as the qkv mode).
-GATE: n tokens at one per cycle + Gate.LATENCY + Gate.READ_LATENCY (hw.gate); the queue read
-  stream then overlaps the expert loop (the compute unit's q port).
+ATTENTION (hw/attention_op.py on hw/attention.py's own dot-product lanes, not the MAC array):
+  LOAD 3*n*D/G + 1 (every Q/K/V word once) + sim.perf.attention_cycles_engine (per head: QK
+  pass of quant.schedule.attention_cycles(n, P) cycles, statistics drain, AV pass of the same
+  schedule) + head_dim/G; split as "qk" (LOAD + QK passes + drains) and "av". Peak: P * head_dim
+  MACs per cycle in both passes.
+GATE (hw/gate_op.py): ceil(E/G) words per token, Gate.LATENCY + READ_LATENCY, then the N*k
+  queue entries written at one per cycle, + 1.
 EXPERT_LOOP, END: instruction fetch only.
 
 Cycle classes per executed instruction (they sum to its cycles):
@@ -73,14 +71,19 @@ CYCLE_TYPES = ("embed", "patch_embed", "layernorm", "qkv", "qk", "av", "proj", "
                "mlp_fc2", "router", "gate", "expert_fc1", "expert_fc2", "store", "control")
 
 
+MOVE_OVERHEAD = 5     # LOAD_ROWS / STORE: AXI command register, engine pipeline, done (RTL)
+
+
 class PerfModelError(ValueError):
     pass
 
 
 @dataclass(frozen=True)
 class PerfAssumptions:
-    """The controller-level constants the RTL does not pin down yet (see module docstring)."""
-    decode_cycles: int = 1          # instruction decode after its fetch
+    """Controller-level constants (measured on the RTL top, see module docstring)."""
+    decode_cycles: int = 7          # controller cycles per instruction besides the fetch's DRAM
+                                    # latency and beat (hw/accel.py: FETCH, the AXI master's AR
+                                    # register, the R beat, DECODE, ISSUE, the done cycle)
     prefetch: bool = False          # True: fetch hidden behind the previous instruction
     qk_cycles_per_key: int = 1      # cycles per K block of the QK^T stream (1: W buffer banked
                                     # so one K block of head_dim values is one read)
@@ -245,6 +248,27 @@ def attention_head(cfg, qcfg, hwcfg, assume: PerfAssumptions) -> dict:
                    "peak": hwcfg.t_in * hwcfg.t_out}}
 
 
+def attention_op_cycles(cfg, qcfg, hwcfg) -> dict:
+    """The ATTENTION instruction on hw/attention_op.AttentionOp, start to done: LOAD (3*n*D/G + 1:
+    every Q/K/V word once, one per cycle) + sim.perf.attention_cycles_engine (QK pass, stats,
+    AV pass per head) + head_dim/G (the last row's words). Split: "qk" = LOAD + per head the QK
+    pass and the statistics drain, "av" = the rest."""
+    from hw.softmax import recip_plan
+    from quant.schedule import attention_cycles
+
+    from sim.perf import attention_cycles_engine
+    n, H, dh, D, G = cfg.num_tokens, cfg.heads, cfg.head_dim, cfg.dim, hwcfg.t_in
+    load = 3 * n * (-(-D // G)) + 1
+    eng = attention_cycles_engine(n, H, dh, hwcfg, qcfg)
+    C = attention_cycles(n, hwcfg.attn_p)
+    stats = recip_plan(qcfg).iters + 8
+    total = load + eng + -(-dh // G)
+    qk = load + H * (C + stats + 3)
+    return {"qk": {"cycles": qk, "compute": H * C, "dram_wait": 0, "overhead": qk - H * C},
+            "av": {"cycles": total - qk, "compute": H * C, "dram_wait": 0,
+                   "overhead": total - qk - H * C}}
+
+
 # ---------------------------------------------------------------------------------------------
 # routing
 # ---------------------------------------------------------------------------------------------
@@ -395,26 +419,36 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                 row(name, _linear_type(name), pc, with_fetch(s), n_rows * ins.k * ins.n,
                     expert=expert, nrows=n_rows, k=ins.k, n=ins.n, **kw)
             elif op is Op.ATTENTION:
-                h = attention_head(cfg, qcfg, hwcfg, assume)
+                a = attention_op_cycles(cfg, qcfg, hwcfg)
                 heads = ins.arg
-                qk = {k: v * heads for k, v in h["qk"].items() if k not in ("macs", "peak")}
-                av = {k: v * heads for k, v in h["av"].items() if k not in ("macs", "peak")}
-                row(name + ".qk", "qk", pc, with_fetch(qk), h["qk"]["macs"] * heads, h["qk"]["peak"],
-                    nrows=ins.rows, fetch=fb)
-                row(name + ".av", "av", pc, av, h["av"]["macs"] * heads, h["av"]["peak"], nrows=ins.rows)
+                macs = cfg.num_tokens ** 2 * cfg.head_dim * heads
+                peak = hwcfg.attn_p * cfg.head_dim
+                row(name + ".qk", "qk", pc, with_fetch(a["qk"]), macs, peak, nrows=ins.rows, fetch=fb)
+                row(name + ".av", "av", pc, a["av"], macs, peak, nrows=ins.rows)
             elif op is Op.LAYERNORM:
-                beats = lat["layernorm_beats"]
-                par = dram_transfer_cycles(rd, hwcfg)
-                s = {"compute": ins.rows * beats, "dram_wait": par, "overhead": lat["layernorm"]}
+                G = hwcfg.t_in
+                wpr = -(-D // G)
+                par_beats = -(-rd // B)
+                s = {"compute": ins.rows * wpr,
+                     "dram_wait": hwcfg.dram_latency_cycles + stretch(par_beats, rate),
+                     "overhead": lat["layernorm"] + 2 * wpr + 3 - stretch(par_beats, rate)}
                 s["cycles"] = sum(s.values())
                 row(name, "layernorm", pc, with_fetch(s), nrows=ins.rows, **kw)
             elif op in (Op.LOAD_ROWS, Op.STORE):
-                c = dram_transfer_cycles(rd + wr, hwcfg)
+                # hw/move_op.py: one buffer word per cycle (two with LOAD_ROWS ADD), beats at
+                # the DRAM rate; reads wait the first-beat latency, writes only their response
+                words = ins.rows * -(-ins.k // hwcfg.t_in)
+                beats = -(-(rd + wr) // B)
+                move = max(stretch(beats, rate), words * (2 if ins.flags and op is Op.LOAD_ROWS else 1))
+                wait = hwcfg.dram_latency_cycles if op is Op.LOAD_ROWS else 0
+                c = wait + move + MOVE_OVERHEAD
                 row(name, "embed" if op is Op.LOAD_ROWS else "store", pc,
-                    with_fetch({"cycles": c, "compute": 0, "dram_wait": c, "overhead": 0}),
+                    with_fetch({"cycles": c, "compute": 0, "dram_wait": wait + move, "overhead": MOVE_OVERHEAD}),
                     nrows=ins.rows, **kw)
             elif op is Op.GATE:
-                s = {"compute": ins.rows, "dram_wait": 0, "overhead": lat["gate"] + lat["gate_read"]}
+                W = -(-cfg.num_experts // hwcfg.t_in)
+                s = {"compute": ins.rows * W, "dram_wait": 0,
+                     "overhead": lat["gate"] + lat["gate_read"] + ins.rows * cfg.top_k + 1}
                 s["cycles"] = sum(s.values())
                 row(name, "gate", pc, with_fetch(s), nrows=ins.rows, **kw)
             elif op in (Op.EXPERT_LOOP, Op.END):

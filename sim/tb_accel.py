@@ -33,6 +33,12 @@ def _image(cfg, conf):
     return rng.normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
 
 
+async def _busy(dut, clk_cycles, starts):
+    while True:
+        await RisingEdge(dut.busy)
+        starts.append(clk_cycles())
+
+
 async def _trace(dut, clk_cycles, out, progress):
     """Record (pc, expert, cycle) of every retired instruction (the top's `retire` pulse)."""
     f = open(progress, "a") if progress else None
@@ -83,7 +89,9 @@ async def accel_inference(dut):
     image = _image(cfg, conf)
     results = {"tasks": {}, "errors": []}
     trace: list = []
+    starts: list = []
     cocotb.start_soon(_trace(dut, now_cycles, trace, conf.get("progress")))
+    cocotb.start_soon(_busy(dut, now_cycles, starts))
 
     for patch in conf.get("errors", []):
         # a corrupted program: the run must stop with the interpreter's error code and pc
@@ -99,6 +107,7 @@ async def accel_inference(dut):
 
     for task in conf.get("tasks", list(cfg.tasks)):
         trace.clear()
+        starts.clear()
         t_start[0] = int(cocotb.utils.get_sim_time(unit="ns") // 10)
         wall = time.perf_counter()
         res = await drv.run(image, task)
@@ -117,7 +126,7 @@ async def accel_inference(dut):
             "elements": int(exp.size), "golden_sat": int(gold.stats.sat.saturated()),
             "golden_instructions": gold.stats.retired,
             "golden_read": gold.stats.dram_read, "golden_written": gold.stats.write_bytes,
-            "wall_s": wall, "trace": list(trace),
+            "wall_s": wall, "trace": list(trace), "start_cycle": starts[0] if starts else 0,
             "dram": be.mem.stats() if hasattr(be.mem, "stats") else {},
         }
     write_result(results)

@@ -1,11 +1,14 @@
 """cocotb testbench of hw/attention.py (module edgemoe_attention) against
 quant.attention.attention_golden: one layer (all heads), Q/K/V written through the write port in
 random order (with valid gaps), output rows taken with random back-pressure, every output code
-compared as an integer; the K/Q/V read strobes are counted per cycle and per pass.
+compared as an integer; the K/Q/V read strobes are counted per cycle and per pass; the `sat`
+port summed over the run must equal the golden SatCounter total less attn_in (the engine takes
+attn_in codes).
 
 tb_config: {"qcfg", "hwcfg", "n", "heads", "head_dim", "stim_seed", "seed", "gap_prob",
 "stall_prob"}. Result: {"rows", "compared", "cycles", "qk_k_reads", "qk_q_reads", "av_k_reads",
-"av_v_reads", "av_q_reads", "max_reads_per_cycle", "qk_cycles", "sim_cycles_per_s", ...}.
+"av_v_reads", "av_q_reads", "max_reads_per_cycle", "qk_cycles", "sat_events", "sat_golden"
+({name: count} of the golden SatCounter), "sim_cycles_per_s", ...}.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ if cocotb is not None:
     from hw.config import HWConfig
     from quant.attention import attention_golden
     from quant.config import QuantConfig
+    from quant.fixed import SatCounter
     from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
                                start_clock_and_reset, tb_config, unpack_lanes, write_result)
 
@@ -53,7 +57,10 @@ if cocotb is not None:
         n, H, dh = int(cfg["n"]), int(cfg["heads"]), int(cfg["head_dim"])
         D, P = H * dh, h.attn_p
         qkv = attention_stimulus(q, n, D, int(cfg["stim_seed"]))
-        g = attention_golden(qkv, q, SimpleNamespace(num_tokens=n, heads=H, head_dim=dh, dim=D), P)
+        gsat = SatCounter()
+        g = attention_golden(qkv, q, SimpleNamespace(num_tokens=n, heads=H, head_dim=dh, dim=D), P,
+                             gsat, "attn")
+        exp_events = gsat.saturated() - gsat.saturated("attn.attn_in")
 
         rng = np.random.default_rng(int(cfg["seed"]))
         writes = [(s, hd, r) for s in range(3) for hd in range(H) for r in range(n)]
@@ -71,7 +78,7 @@ if cocotb is not None:
         driver = StreamDriver(dut, "w", dut.clk, counter, fields=("sel", "head", "row", "data"),
                               gap_prob=float(cfg.get("gap_prob", 0.0)), seed=seed)
         reads = {"qk": [0, 0, 0], "av": [0, 0, 0]}          # K, Q, V block reads per pass
-        per_cycle = {"max": 0, "qk_cycles": 0, "av_cycles": 0}
+        per_cycle = {"max": 0, "qk_cycles": 0, "av_cycles": 0, "sat": 0}
 
         async def monitor():
             while True:
@@ -83,6 +90,7 @@ if cocotb is not None:
                 if k:
                     per_cycle[key + "_cycles"] += 1
                 per_cycle["max"] = max(per_cycle["max"], k + qq + v)
+                per_cycle["sat"] += read_uint(dut.sat)
                 await RisingEdge(dut.clk)
 
         mon = cocotb.start_soon(monitor())
@@ -108,6 +116,8 @@ if cocotb is not None:
         # heads come out in order
         heads_seen = [hd for hd, _ in tags]
         assert heads_seen == sorted(heads_seen), f"heads out of order: {heads_seen}"
+        assert per_cycle["sat"] == exp_events, \
+            f"sat port counted {per_cycle['sat']} events, golden {gsat.report()} less attn_in"
         out_cycles = [b["cycle"] for b in got]
         write_result({
             "rows": len(got), "compared": len(got) * dh, "P": P,
@@ -118,5 +128,7 @@ if cocotb is not None:
             "max_reads_per_cycle": per_cycle["max"],
             "sat_scores": int(((g.scores == q.score.max_int) | (g.scores == q.score.min_int)).sum()),
             "sat_out": int(((g.out == q.act.max_int) | (g.out == q.act.min_int)).sum()),
+            "sat_events": per_cycle["sat"],
+            "sat_golden": {k: v["saturated"] for k, v in gsat.report().items()},
             "sim_cycles_per_s": sim_cycles / wall if wall > 0 else None,
         })

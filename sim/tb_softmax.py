@@ -7,7 +7,9 @@ output back-pressure come from tb_common's driver and sink.
 
 tb_config (from sim.runner.run_cocotb): {"qcfg": QuantConfig dict, "hwcfg": HWConfig dict,
 "n": tokens, "heads": int, "stim_seed": int, "gap_prob": float, "stall_prob": float}.
-Result: {"rows", "compared", "sat_rows", "beats", "schedule_cycles", "first_in_cycle",
+The unit's `sat` port (saturation events per cycle) is summed over the run and must equal the
+golden SatCounter total (sum saturations per score plus reciprocal saturations per row).
+Result: {"rows", "compared", "sat_rows", "sat_events", "beats", "schedule_cycles", "first_in_cycle",
 "last_in_cycle", "last_out_cycle", "in_order", "latency_min", "latency_max", "sim_cycles_per_s"}.
 """
 from __future__ import annotations
@@ -125,12 +127,12 @@ except ImportError:  # importable without cocotb for the stimulus functions
     cocotb = None
 
 if cocotb is not None:
-    from cocotb.triggers import RisingEdge
+    from cocotb.triggers import ReadOnly, RisingEdge
 
     from hw.config import HWConfig
     from hw.softmax import SoftmaxStats
     from quant.config import QuantConfig
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes,
+    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
                                start_clock_and_reset, tb_config, write_result)
 
     @cocotb.test()
@@ -143,6 +145,8 @@ if cocotb is not None:
         kinds = tuple(cfg.get("kinds", ROW_KINDS))
         scores = softmax_scores(q, n, heads, P, int(cfg["stim_seed"]), kinds)
         exp_recip, exp_m, exp_sat = softmax_expected(scores, q, P)
+        exp_events = SatCounter()
+        softmax_stats(scores, row_key_order(n, P), q, exp_events)
         lanes, last_beat = schedule_beats(n, P, heads)
 
         beats = []
@@ -169,6 +173,15 @@ if cocotb is not None:
                               fields=("score", "active", "first", "last", "row", "head"),
                               gap_prob=float(cfg.get("gap_prob", 0.0)), seed=seed)
         rows = heads * n
+        events = [0]
+
+        async def count_sat():
+            while True:
+                await ReadOnly()
+                events[0] += read_uint(dut.sat)
+                await RisingEdge(dut.clk)
+
+        mon = cocotb.start_soon(count_sat())
         t0 = time.perf_counter()
         c0 = counter.cycle
         in_cycles = await driver.send(beats)
@@ -177,7 +190,10 @@ if cocotb is not None:
         sim_cycles = counter.cycle - c0
         for _ in range(unit.LATENCY + 4):
             await RisingEdge(dut.clk)
+        mon.cancel()
         assert len(sink.beats) == rows, f"{len(sink.beats) - rows} unexpected extra output rows"
+        assert events[0] == exp_events.saturated(), \
+            f"sat port counted {events[0]} events, golden {exp_events.report()}"
 
         mb = unit.m_bits
         rec = []
@@ -205,6 +221,7 @@ if cocotb is not None:
         lat = [x[5] - in_cycles[last_beat[(x[0], x[1])]] for x in rec]
         write_result({
             "rows": rows, "compared": len(rec), "sat_rows": int(exp_sat.sum()),
+            "sat_events": events[0],
             "beats": len(beats), "first_in_cycle": in_cycles[0], "last_in_cycle": in_cycles[-1],
             "last_out_cycle": max(x[5] for x in rec), "in_order": in_order,
             "latency_min": min(lat), "latency_max": max(lat), "latency": unit.LATENCY,

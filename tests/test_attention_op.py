@@ -1,7 +1,8 @@
 """AttentionOp (hw/attention_op.py) in amaranth.sim between W / H buffer memories, against
 quant.interpreter.Machine._op_attention on the same initial buffers: the whole H buffer equal as
-integers, the attn_in saturation count equal to Machine's, the cycle count vs the documented
-formula (LOAD + sim.perf.attention_cycles_engine + store tail + done)."""
+integers, the op's `sat` summed over the run equal to Machine's SatCounter total (attn_in, score,
+softmax sum / recip / prob, out), the cycle count vs the documented formula (LOAD +
+sim.perf.attention_cycles_engine + store tail + done)."""
 from __future__ import annotations
 
 import time
@@ -18,12 +19,26 @@ from hw.config import get_hw_preset
 from model.config import get_preset
 from quant.compiler import buffer_plan
 from quant.config import get_quant_preset
+from quant.fixed import Fmt
 from quant.interpreter import FlatMemory, Machine, RunStats
 from quant.program import Buf, Instr, Op
 from sim.perf import attention_cycles_engine
 from sim.tb_attention import attention_stimulus
 
 TINY = get_preset("tiny")          # n = 9, 2 heads, dim 64 (head_dim 32)
+SAT_KINDS = ("attn_in", "score", "sum", "recip", "prob", "out")   # Machine: pc<i>.attn.<kind>
+
+
+def narrow_q():
+    """edge-moe-fixed with formats under which every attention count but attn_in saturates on
+    attention_stimulus + extreme V columns: act s20.12 (+-128, a left shift into attn_in s24.16,
+    so attn_in cannot saturate; scores up to 32*128^2 pass score's 512), sum u3.2 (< 1.75: flat
+    rows saturate at several steps), recip u12.12 (< 1: rows with S <= 1), prob u8.8 (< 1: a
+    dominant key), and the coarse sum makes sum(p) exceed 1 on some rows, so an all-max V
+    column saturates the output."""
+    return get_quant_preset("edge-moe-fixed").replace(
+        name="attn-sat", act=Fmt(20, 12), sum=Fmt(3, 2, False), recip=Fmt(12, 12, False),
+        prob=Fmt(8, 8, False))
 
 
 def hw(name):
@@ -89,24 +104,31 @@ def machine_attention(cfg, q, h, W, Hb):
     return mach.bufs[Buf.H].copy(), mach._st.sat
 
 
-def make_buffers(cfg, q, h, seed):
+def make_buffers(cfg, q, h, seed, v_extremes=False):
     """W: random act codes everywhere (full range: junk outside the op's region), rows 0..n-1
-    columns [0, 3D) the attention stimulus (act extremes, saturating scores); H: random junk."""
+    columns [0, 3D) the attention stimulus (act extremes, saturating scores; v_extremes: V
+    column 0 of every head all act.max, column 1 all act.min); H: random junk."""
     rng = np.random.default_rng(seed)
     bp = {b.name: b.width for b in buffer_plan(cfg, q, h).buffers}
     R, a = h.act_buffer_tokens, q.act
     W = rng.integers(a.min_int, a.max_int + 1, (R, bp["W"]), dtype=np.int64)
     W[:cfg.num_tokens, :3 * cfg.dim] = attention_stimulus(q, cfg.num_tokens, cfg.dim, seed)
+    if v_extremes:
+        dh = cfg.dim // cfg.heads
+        for hd in range(cfg.heads):
+            W[:cfg.num_tokens, 2 * cfg.dim + hd * dh] = a.max_int
+            W[:cfg.num_tokens, 2 * cfg.dim + hd * dh + 1] = a.min_int
     Hb = rng.integers(a.min_int, a.max_int + 1, (R, bp["H"]), dtype=np.int64)
     return W, Hb
 
 
-def run_op(cfg, q, h, seed=1, runs=1):
+def run_op(cfg, q, h, seed=1, runs=1, v_extremes=False):
     """Simulate `runs` back-to-back ops (the next start the cycle after done), each on fresh W
-    data written into the memory between runs; check each against Machine. Returns stats."""
+    data written into the memory between runs; check each against Machine (H buffer and the
+    saturation total). Returns stats."""
     p = accel_plan(cfg, q, h)
     op = AttentionOp(cfg, q, h)
-    bufs = [make_buffers(cfg, q, h, seed + i) for i in range(runs)]
+    bufs = [make_buffers(cfg, q, h, seed + i, v_extremes) for i in range(runs)]
     W0, H0 = bufs[0]
     dut = Harness(op, pack(W0, p.G, p.vb, p.wpr["W"]), pack(H0, p.G, p.vb, p.wpr["H"]))
     sim = Simulator(dut)
@@ -155,9 +177,10 @@ def run_op(cfg, q, h, seed=1, runs=1):
             raise AssertionError(f"run {i}: first mismatch at H[{bad[0]}, {bad[1]}]: RTL "
                                  f"{got[tuple(bad)]}, Machine {exp[tuple(bad)]} "
                                  f"({int((got != exp).sum())} values differ)")
-        r["sat_attn_in"] = satc.saturated("pc0.attn.attn_in")
+        r["sat_kinds"] = {k: satc.saturated("pc0.attn." + k) for k in SAT_KINDS}
         r["sat_machine"] = satc.saturated()
-        assert r["sat"] == r["sat_attn_in"], (r["sat"], satc.report())
+        assert sum(r["sat_kinds"].values()) == r["sat_machine"], satc.report()  # names complete
+        assert r["sat"] == r["sat_machine"], (r["sat"], satc.report())
         assert r["words"] == cfg.num_tokens * cfg.dim // p.G
         assert r["reads"] == cfg.num_tokens * 3 * cfg.dim // p.G
         Hprev = exp
@@ -179,12 +202,11 @@ def test_attention_op_matches_machine(hw_name):
     res = run_op(TINY, q, h, seed=3, runs=2 if hw_name == "zcu102-16x16" else 1)
     load, eng, S = expected_min_cycles(TINY, q, h)
     for r in res:
-        # the stimulus saturates attn_in (act extremes) and the scores (which sat cannot see)
-        assert r["sat"] > 0
-        assert r["sat_machine"] > r["sat"]
+        # the stimulus saturates attn_in (act extremes) and the scores
+        assert r["sat_kinds"]["attn_in"] > 0 and r["sat_kinds"]["score"] > 0
         tail = r["cycles"] - 1 - load - eng
         print(f"\n{hw_name}: {r['cycles']} cycles (LOAD {load} + engine {eng} + store tail "
-              f"{tail} + done 1); sat {r['sat']} (Machine total {r['sat_machine']}); "
+              f"{tail} + done 1); sat {r['sat']} = Machine {r['sat_kinds']}; "
               f"{time.time() - t0:.1f} s")
         assert r["cycles"] == r["last_wr"] + 1
         assert r["last_w"] == load          # one word per cycle: the documented LOAD formula
@@ -197,6 +219,21 @@ def test_attention_op_w8a16():
     assert q.act.frac < q.attn_in.frac
     (r,) = run_op(TINY, q, h, seed=5)
     assert r["sat"] > 0
+
+
+@pytest.mark.parametrize("hw_name", ["small-8x8", "zcu102-16x16"])
+def test_attention_op_counts_every_saturation(hw_name):
+    """Narrow formats: scores, softmax sums (several steps of one row: per score, not per row),
+    reciprocals, probabilities and outputs all saturate; the op's sat total equals Machine's
+    (asserted in run_op), so no kind is missed and the recomputed AV scores are not counted
+    twice."""
+    q, h = narrow_q(), hw(hw_name)
+    (r,) = run_op(TINY, q, h, seed=3, v_extremes=True)
+    k = r["sat_kinds"]
+    assert all(k[x] > 0 for x in SAT_KINDS if x != "attn_in"), k
+    n, H = TINY.num_tokens, TINY.heads
+    assert k["recip"] < H * n and k["score"] < H * n * n      # not everything saturates
+    assert r["sat"] == sum(k.values())
 
 
 def test_attention_op_catches_wrong_rounding(monkeypatch):

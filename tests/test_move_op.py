@@ -128,7 +128,8 @@ def test_load_rows(hw, quant, add):
 
 @pytest.mark.parametrize("hw,quant", [("small-8x8", "edge-moe-fixed"), ("zcu102-16x16", "edge-moe-fixed"),
                                       ("small-8x8", "w8a16"), ("zcu102-16x16", "w8a16")])
-def test_store(hw, quant):
+@pytest.mark.parametrize("full_rate", [False, True])
+def test_store(hw, quant, full_rate):
     cfg, q, h, p = _setup(hw, quant)
     rng = np.random.default_rng(2)
     W = p.wpr["W"] * p.G
@@ -147,7 +148,7 @@ def test_store(hw, quant):
         ctx.set(op.start, 0)
         cycles = 0
         while True:
-            ctx.set(op.d.ready, rng.random() < 0.7)
+            ctx.set(op.d.ready, full_rate or rng.random() < 0.7)
             if ctx.get(op.d.valid) and ctx.get(op.d.ready):
                 got.append(ctx.get(op.d.payload))
             done = ctx.get(op.done)
@@ -156,10 +157,14 @@ def test_store(hw, quant):
             if done:
                 break
             assert cycles < 5000
+        res["cycles"] = cycles
+    res = {}
     sim.add_testbench(tb)
     sim.run()
     n = rows * k * container_bytes(q.act)
     assert len(got) == -(-n // p.beat_bytes)
+    if full_rate:     # one word (buffer read) and one beat per cycle after a short fill
+        assert res["cycles"] <= max(len(got), rows * k // p.G) + 5, (res["cycles"], len(got))
     data = b"".join(g.to_bytes(p.beat_bytes, "little") for g in got)[:n]
     np.testing.assert_array_equal(decode_values(np.frombuffer(data, np.uint8), rows * k, q.act).reshape(rows, k),
                                   init[:rows, :k])

@@ -1,0 +1,84 @@
+"""`edgemoe simulate`: whole-inference RTL simulation of the accelerator top (sim/rtl_sim.py)."""
+from __future__ import annotations
+
+
+def add_arguments(p):
+    p.add_argument("--preset", default="tiny", help="model preset (tiny | edge-moe | ...)")
+    p.add_argument("--quant", default="edge-moe-fixed", help="quant preset (quant/config.py)")
+    p.add_argument("--hw", default=None, help="hardware preset (default: small-8x8 for tiny, "
+                                              "zcu102-16x16 otherwise)")
+    p.add_argument("--act-buffer-tokens", type=int, default=None,
+                   help="override HWConfig.act_buffer_tokens (smaller buffers build faster)")
+    p.add_argument("--task", default="all", help="task name(s), comma separated, or 'all'")
+    p.add_argument("--weights", nargs="+", default=None, metavar="KIND",
+                   help="as `edgemoe compile --weights` (default: checkpoints/tiny.pt for tiny, "
+                        "synthetic otherwise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", help="input image file (default: a seeded random image)")
+    p.add_argument("--latency", type=int, default=None, help="DRAM first-beat latency in cycles "
+                                                             "(default: HWConfig.dram_latency_cycles)")
+    p.add_argument("--beats-per-cycle", type=float, default=None,
+                   help="DRAM bandwidth in AXI beats per cycle (default from HWConfig.dram_gbps)")
+    p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
+    p.add_argument("--out", default="out/simulate", help="output folder (JSON, PNG, program)")
+
+
+def default_weights(preset: str) -> list[str]:
+    from pathlib import Path
+    ck = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"
+    if preset == "tiny" and ck.exists():
+        return ["ckpt", str(ck)]
+    return ["synthetic"]
+
+
+def run(args) -> int:
+    from hw.config import get_hw_preset
+    from model.config import get_preset
+    from quant.compiler import compile_program
+    from quant.config import get_quant_preset
+    from quant.qweights import quantize_weights
+    from sim.cmd_compile import _weights
+    from sim.rtl_sim import format_table, simulate
+
+    cfg = get_preset(args.preset)
+    q = get_quant_preset(args.quant)
+    hw = get_hw_preset(args.hw or ("small-8x8" if args.preset == "tiny" else "zcu102-16x16"))
+    if args.act_buffer_tokens:
+        hw = hw.replace(act_buffer_tokens=args.act_buffer_tokens)
+    args.weights = args.weights or default_weights(args.preset)
+    if args.weights[0] == "ckpt" and len(args.weights) == 2:
+        from model.checkpoint import load_checkpoint
+        ck_cfg, sd, _ = load_checkpoint(args.weights[1])
+        if ck_cfg.name != cfg.name:
+            raise SystemExit(f"edgemoe simulate: {args.weights[1]} holds model '{ck_cfg.name}', "
+                             f"not --preset {cfg.name}")
+        cfg, desc = ck_cfg, f"checkpoint {args.weights[1]}"     # its heads' channels
+        sd = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in sd.items()}
+    else:
+        sd, desc = _weights(cfg, args)
+    prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, sd))
+    tasks = list(cfg.tasks) if args.task == "all" else args.task.split(",")
+    image = None
+    if args.image:
+        from model.images import load_image
+        x, _ = load_image(cfg, args.image)
+        image = x[0].numpy()
+    print(f"{cfg.name} / {q.name} / {hw.name}: {len(prog.instrs)} instructions, memory image "
+          f"{prog.image_bytes:,} B, weights: {desc}")
+    rep = simulate(prog, tasks, image, args.out, args.latency, args.beats_per_cycle, args.simulator)
+    ok = True
+    for t, r in rep["tasks"].items():
+        ok &= r["bit_exact"]
+        print(f"\ntask {t}: {'BIT-EXACT' if r['bit_exact'] else 'MISMATCH'} vs golden "
+              f"({r['elements']} output codes, {r['mismatches']} differ"
+              + (f", first {r['first_mismatch']}" if r["first_mismatch"] else "") + ")")
+        print(f"  {r['cycles']:,} cycles = {r['ms']:.3f} ms at {hw.clock_mhz:g} MHz; cycle model "
+              f"{r['model_cycles']:,} ({r['model_error']:+.2%}); MAC-array utilisation "
+              f"{r['mac_array_utilisation']:.3f}")
+        print(f"  DRAM read {r['dram_bytes_read']:,} B, written {r['dram_bytes_written']:,} B; "
+              f"saturations {r['sat_count']} (golden {r['golden_sat']}); instructions "
+              f"{r['instructions']}; simulated in {r['wall_s']:.1f} s")
+        print(format_table(t, r))
+    print(f"\nbuild {rep['build_s']:.1f} s, total wall {rep['wall_s']:.1f} s; wrote {args.out}/simulate.json, "
+          f"{args.out}/simulate.png")
+    return 0 if ok else 1
