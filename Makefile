@@ -11,13 +11,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
 
-.PHONY: venv demo test test-full test-slow bench clean help
+.PHONY: venv demo test test-full test-slow sim-full bench clean help
 
 help:
 	@echo "make demo       end-to-end run on the built-in preset (outputs under $(OUT)/)"
 	@echo "make test       default test suite (fast; full-size RTL runs are in test-full)"
 	@echo "make test-full  full-size RTL and long runs (pytest -m full)"
 	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
+	@echo "make sim-full   edge-moe preset, all 12 blocks, both tasks, through the RTL top (cocotb + Verilator)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile
@@ -40,6 +41,9 @@ test-full: $(STAMP)
 
 test-slow: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+sim-full: $(STAMP)
+	$(PY) -m sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --out $(OUT)/sim-full
 
 bench: $(STAMP)
 	$(PY) -m sim.bench

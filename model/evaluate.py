@@ -253,14 +253,48 @@ def load_trained(path):
     return model.eval(), cfg, sd, meta
 
 
+def rtl_backend(cfg: ModelConfig, state_dict: dict, quant: str, hw: str, images):
+    """(c) the RTL accelerator (hw/accel.py under cocotb + Verilator): all `images` through every
+    task in one simulation first (sim.rtl_sim.rtl_features), then a backend that hands out those
+    features in order. The RTL exposes no routing (the queues are on chip): no routing stats."""
+    from hw.config import get_hw_preset
+    from quant.compiler import compile_program
+    from quant.config import get_quant_preset
+    from quant.qweights import quantize_weights
+    from sim.rtl_sim import rtl_features
+    q = get_quant_preset(quant)
+    h = get_hw_preset(hw)
+    if h.act_buffer_tokens > cfg.num_tokens:     # smaller buffers: a faster build, same results
+        h = h.replace(act_buffer_tokens=max(16, 1 << (cfg.num_tokens - 1).bit_length()))
+    backbone = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in state_dict.items()
+                if not k.startswith("heads.")}
+    prog = compile_program(cfg, q, h, quantize_weights(cfg, q, backbone))
+    res = rtl_features(prog, images)
+    nxt = {t: 0 for t in range(len(cfg.tasks))}
+
+    def per_image(img, task):
+        codes = res["features"][cfg.tasks[task]][nxt[task]]
+        nxt[task] += 1
+        return codes, {}, None
+    info = {"hw": h.name, "act_buffer_tokens": h.act_buffer_tokens, "images_differing_from_executor":
+            res["images_differing"], "build_s": res["build_s"], "sim_s": res["sim_s"]}
+    return codes_backend(per_image, q.act), info
+
+
 def evaluate_checkpoint(path, quant: tuple[str, ...] = ("edge-moe-fixed",), n: int = 64,
                         base_seed: int = 0, attn_p: int = 4, batch: int = 16,
-                        progress: bool = False) -> dict:
-    """Float and every quant preset in `quant` on the first n test scenes; JSON-ready dict."""
+                        progress: bool = False, rtl: bool = False, rtl_quant: str = "edge-moe-fixed",
+                        rtl_hw: str = "small-8x8") -> dict:
+    """Float and every quant preset in `quant` on the first n test scenes; JSON-ready dict.
+    rtl: also (c) the RTL simulation of the accelerator with rtl_quant on rtl_hw; attn_p is then
+    the hardware's (the golden model's softmax key order follows it), so (c) must equal (b)."""
     model, cfg, sd, meta = load_trained(path)
     if cfg.task_channels[cfg.tasks.index("semseg")] != NUM_CLASSES:
         raise ValueError(f"{path}: semseg head has {cfg.task_channels} channels, the data has "
                          f"{NUM_CLASSES} classes; train with model.train.training_config")
+    if rtl:
+        from hw.config import get_hw_preset
+        attn_p = get_hw_preset(rtl_hw).attn_p       # (b) must use the hardware's key order
     data = load_split(cfg, n, "test", base_seed)
     backends = {"float": float_backend(model)}
     qcfgs = {}
@@ -269,6 +303,9 @@ def evaluate_checkpoint(path, quant: tuple[str, ...] = ("edge-moe-fixed",), n: i
         for q in quant:
             qcfgs[q] = get_quant_preset(q)
             backends[q] = golden_backend(cfg, sd, qcfgs[q], attn_p)
+    rtl_info = None
+    if rtl:
+        backends["rtl-" + rtl_quant], rtl_info = rtl_backend(cfg, sd, rtl_quant, rtl_hw, data[0])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -277,9 +314,13 @@ def evaluate_checkpoint(path, quant: tuple[str, ...] = ("edge-moe-fixed",), n: i
     if bar is not None:
         bar.close()
     ref = results["float"]
+    if rtl:
+        ref_q = results.get(rtl_quant)
+        rtl_info["metrics_equal_golden"] = ref_q is not None and all(
+            results["rtl-" + rtl_quant][k] == ref_q[k] for k in ("semseg", "depth"))
     report = {"checkpoint": str(path), "model": cfg.name, "n": n, "split": "test", "base_seed": base_seed,
               "attn_p": attn_p, "train_meta": {k: meta.get(k) for k in ("steps", "losses", "seed", "command")},
-              "baselines": baselines(data[1], data[2]), "backends": {}}
+              "baselines": baselines(data[1], data[2]), "backends": {}, "rtl": rtl_info}
     for k, r in results.items():
         entry = {"semseg": r["semseg"], "depth": r["depth"], "saturated": r["saturated"],
                  "weight_saturated": getattr(backends[k], "weight_saturated", None),
@@ -313,6 +354,12 @@ def format_report(rep: dict) -> str:
                      f"{e['depth']['rmse']:>9.4f}{e['depth']['abs_rel']:>9.4f}"
                      + (f"{d['miou']:>+9.4f}{d['rmse']:>+9.4f}" if d else f"{'':>18}")
                      + f"{'' if e['saturated'] is None else e['saturated']:>6}{e['time_s']:>8.1f}")
+    if rep.get("rtl"):
+        r = rep["rtl"]
+        lines.append(f"RTL ({r['hw']}, {r['act_buffer_tokens']}-row buffers): metrics equal the golden "
+                     f"model's: {r['metrics_equal_golden']}; images whose features differ from the "
+                     f"executor: {r['images_differing_from_executor']}; build {r['build_s']:.0f} s, "
+                     f"simulation {r['sim_s']:.0f} s")
     lines.append("routing per task / MoE block: tokens per expert | active experts per image (mean)"
                  " | tokens whose top-k set changed vs float")
     for k, e in rep["backends"].items():

@@ -10,6 +10,10 @@ def add_arguments(p):
     p.add_argument("--base-seed", type=int, default=0, help="base seed of the test split")
     p.add_argument("--attn-p", type=int, default=4, help="attention parallelism P of the golden schedule")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--rtl", action="store_true",
+                   help="also (c): the RTL accelerator under cocotb + Verilator (tiny preset; uses the "
+                        "first --quant preset and the --rtl-hw attention parallelism for the golden model)")
+    p.add_argument("--rtl-hw", default="small-8x8", help="hardware preset of the RTL run")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
 
 
@@ -27,8 +31,11 @@ def run(args) -> int:
     quant = tuple(q.strip() for q in args.quant.split(",") if q.strip())
     if quant in (("none",), ()):
         quant = ()
+    if args.rtl and not quant:
+        raise SystemExit("edgemoe eval: --rtl needs a --quant preset (the RTL's number formats)")
     rep = evaluate_checkpoint(args.ckpt, quant=quant, n=args.n, base_seed=args.base_seed,
-                              attn_p=args.attn_p, progress=True)
+                              attn_p=args.attn_p, progress=True, rtl=args.rtl,
+                              rtl_quant=quant[0] if quant else "edge-moe-fixed", rtl_hw=args.rtl_hw)
     print(format_report(rep))
     if args.json:
         with open(args.json, "w") as f:

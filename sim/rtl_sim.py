@@ -169,6 +169,26 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
     return report
 
 
+def rtl_features(program, images, tasks=None, out_dir=None, timeout_s=3600) -> dict:
+    """Features (act codes [N, tokens, D]) of every image [N,C,H,W] for every task from ONE RTL
+    simulation; also {"images_differing": {task: count}} against the Python executor."""
+    from hw.accel import Accelerator
+    from sim.runner import run_cocotb
+    cfg = program.cfg
+    tasks = [cfg.tasks[cfg.task_index(t)] for t in (tasks or cfg.tasks)]
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-rtl-"))
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "images.npy", np.asarray(images, np.float32))
+    conf = {"program": str(program.save(out / "program")), "tasks": tasks,
+            "batch": str(out / "images.npy"), "features_out": str(out / "features.npz")}
+    res = run_cocotb(Accelerator(cfg, program.qcfg, program.hwcfg), "edgemoe_accel", "sim.tb_accel",
+                     tb_config=conf, timeout_s=timeout_s)
+    with np.load(out / "features.npz") as f:
+        feats = {t: f[t] for t in tasks}
+    return {"features": feats, "images_differing": res["images_differing"],
+            "build_s": res.get("build_s"), "sim_s": res.get("sim_s")}
+
+
 def _plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")

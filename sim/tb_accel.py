@@ -7,7 +7,8 @@ overrides them), output features compared as integers with the Python executor
 tb_config keys: program (directory of quant.program.save_program), tasks (names), image (.npy
 path of a float [C,H,W] image, or absent: a seeded random image), latency_cycles /
 beats_per_cycle (DRAM model overrides), progress (a file path: one line per retired instruction
-is appended, for the CLI's progress bar), errors (list of {"pc": i, "words": [8 ints]}: patch the
+is appended, for the CLI's progress bar), batch / features_out (an .npy of images [N,C,H,W]: run
+each through every task, write the features to the .npz features_out), errors (list of {"pc": i, "words": [8 ints]}: patch the
 program and expect that error instead of a result).
 Result: per task cycles, DRAM bytes, saturations, instructions, mismatches, and the per-
 instruction trace (pc, expert, cycles) from the top's `retire` pulses.
@@ -104,6 +105,22 @@ async def accel_inference(dut):
         except DriverError as e:
             results["errors"].append({"pc": patch["pc"], "code": e.code, "error_pc": e.pc, "msg": str(e)})
         be.mem.write(addr, saved)
+
+    if conf.get("batch"):
+        # many images per task (evaluation): features of each to an npz, mismatches counted
+        imgs = np.load(conf["batch"])
+        feats, mism = {}, {}
+        for task in conf.get("tasks", list(cfg.tasks)):
+            fs, bad = [], 0
+            for im in imgs:
+                res = await drv.run(im, task)
+                fs.append(res.features)
+                bad += int((res.features != run_program(program, im, task).features).any())
+            feats[task] = np.stack(fs)
+            mism[task] = bad
+        np.savez(conf["features_out"], **feats)
+        write_result({"batch": True, "images": int(len(imgs)), "images_differing": mism})
+        return
 
     for task in conf.get("tasks", list(cfg.tasks)):
         trace.clear()

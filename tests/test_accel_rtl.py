@@ -96,3 +96,16 @@ def test_accel_errors_match_interpreter(tmp_path):
     assert got == expected, res["errors"]
     r = res["tasks"][cfg.tasks[0]]
     assert r["mismatches"] == 0 and r["instructions"] == r["golden_instructions"]
+
+
+def test_eval_rtl_equals_golden():
+    """Issue 8 (c): task metrics through the RTL accelerator equal the golden model's exactly
+    (trained tiny checkpoint, 2 test scenes, both tasks)."""
+    from pathlib import Path
+    from model.evaluate import evaluate_checkpoint
+    ck = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"
+    rep = evaluate_checkpoint(ck, quant=("edge-moe-fixed",), n=2, rtl=True)
+    assert rep["rtl"]["images_differing_from_executor"] == {"semseg": 0, "depth": 0}
+    assert rep["rtl"]["metrics_equal_golden"]
+    a, b = rep["backends"]["rtl-edge-moe-fixed"], rep["backends"]["edge-moe-fixed"]
+    assert a["semseg"] == b["semseg"] and a["depth"] == b["depth"]

@@ -4,8 +4,8 @@ from sim.demo import main
 
 
 def test_demo_quick_tiny(tmp_path):
-    """The demo end to end on the tiny preset (stages 1-5): outputs exist and the compiled
-    program run by the host driver equals the golden model bit for bit for both tasks."""
+    """The demo end to end on the tiny preset (stages 1-6): outputs exist, the compiled program
+    run by the host driver and by the RTL top equals the golden model bit for bit, both tasks."""
     out = tmp_path / "demo"
     assert main(["--preset", "tiny", "--quick", "--out", str(out), "--bench-iters", "2"]) == 0
     rep = json.loads((out / "demo.json").read_text())
@@ -15,3 +15,6 @@ def test_demo_quick_tiny(tmp_path):
         assert rep["golden"][task]["cosine"] > 0.999
         assert rep["accelerator"][task]["cycles_estimate"] > 0
     assert rep["profile"]["summary"]["backbone_params"] > 0
+    for task in ("semseg", "depth"):      # stage 6: the tiny preset through the RTL top
+        r = rep["rtl_tiny"][task]
+        assert r["bit_exact"] is True and r["cycles"] > 0 and abs(r["model_error"]) < 0.05
