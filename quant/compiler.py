@@ -536,3 +536,70 @@ def synthetic_state_dict(cfg, seed: int = 0) -> dict[str, np.ndarray]:
             v = np.clip(0.02 * rng.standard_normal(shape), -0.04, 0.04)
         sd[k] = v
     return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# debug program: every intermediate tensor stored to memory
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tap:
+    name: str        # the instruction whose result this is (+ ".experts" after an expert loop)
+    offset: int      # bytes from OUTPUT_BASE
+    rows: int
+    k: int           # act values per row
+
+
+def debug_program(program: Program, lanes: int) -> tuple[Program, list[Tap]]:
+    """`program` with a STORE of each instruction's destination buffer (all tokens, the columns
+    it wrote) after it, into the OUTPUT region behind the features; after an expert loop, one
+    STORE of X (the accumulated expert outputs). Loop bodies and the gate logits (L, narrower
+    than a buffer word when E < lanes) get no tap. Running it on the RTL and on the executor and
+    comparing the OUTPUT regions compares every intermediate tensor bit for bit. `lanes`: the
+    top's buffer word (STORE needs k % lanes == 0)."""
+    cfg, q, hw = program.cfg, program.qcfg, program.hwcfg
+    B = hw.axi_data_bits // 8
+    cb = container_bytes(q.act)
+    T = cfg.num_tokens
+    off = align(T * cfg.dim * cb, B)
+    instrs, names, taps = [], [], []
+    body_left = 0
+
+    def tap(name, buf, k):
+        nonlocal off
+        if k % lanes:
+            return
+        instrs.append(Instr(Op.STORE, src=buf, base=Base.OUTPUT, addr=off, rows=T, k=k).check())
+        names.append(name + ".tap")
+        taps.append(Tap(name, off, T, k))
+        off += align(T * k * cb, B)
+
+    for ins, name in zip(program.instrs, program.names):
+        instrs.append(ins)
+        names.append(name)
+        if body_left:
+            body_left -= 1
+            if body_left == 0:
+                tap(name.rsplit(".", 1)[0] + ".experts", Buf.X, cfg.dim)
+            continue
+        if ins.op is Op.EXPERT_LOOP:
+            body_left = ins.arg
+        elif ins.op in (Op.LOAD_ROWS, Op.LAYERNORM):
+            tap(name, ins.dst, ins.k)
+        elif ins.op is Op.LINEAR and ins.dst is not Buf.L:
+            tap(name, ins.dst, ins.n)
+        elif ins.op is Op.ATTENTION:
+            tap(name, ins.dst, ins.k)
+    regions = dict(program.regions)
+    sizes = {"program": len(instrs) * INSTR_BYTES, "weights": regions["weights"].size,
+             "image": regions["image"].size, "output": off}
+    new, o = {}, 0
+    for n_, size in sizes.items():
+        new[n_] = Region(n_, o, align(max(size, 1), REGION_ALIGN))
+        o += new[n_].size
+    image = np.zeros(o, dtype=np.uint8)
+    for pc, ins in enumerate(instrs):
+        p0 = new["program"].offset + pc * INSTR_BYTES
+        image[p0:p0 + INSTR_BYTES] = np.frombuffer(ins.to_bytes(), np.uint8)
+    w_old, w_new = regions["weights"], new["weights"]
+    image[w_new.offset:w_new.offset + w_old.size] = program.image[w_old.offset:w_old.offset + w_old.size]
+    return Program(cfg, q, hw, instrs, names, new, program.symbols, image), taps

@@ -322,6 +322,7 @@ class Machine:
 class InterpResult:
     features: np.ndarray      # [num_tokens, D] act codes read back from the OUTPUT region
     stats: RunStats
+    output: np.ndarray | None = None   # the whole OUTPUT region (bytes), e.g. a debug program's taps
 
 
 def image_codes(program: Program, image, sat=None) -> np.ndarray:
@@ -345,4 +346,5 @@ def run_program(program: Program, image, task, mem_base: int = 0x1000_0000) -> I
         Registers(reg["program"], reg["weights"], reg["image"], reg["output"], task))
     n = cfg.num_tokens * cfg.dim
     out = decode_values(mem.read(reg["output"], n * container_bytes(q.act)), n, q.act)
-    return InterpResult(out.reshape(cfg.num_tokens, cfg.dim), stats)
+    return InterpResult(out.reshape(cfg.num_tokens, cfg.dim), stats,
+                        mem.read(reg["output"], program.regions["output"].size))

@@ -61,13 +61,49 @@ def bench_cpu_baseline(preset: str = "edge-moe") -> dict:
     return out
 
 
+def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json") -> dict:
+    """Measured in the RTL simulation of the whole accelerator (sim/rtl_sim.py): per layer type,
+    cycles (RTL vs cycle model) and utilisation = useful MACs / (lanes x measured cycles) of the
+    unit that runs it (MAC array T_in*T_out; attention engine P*head_dim). Reuses the JSON of
+    `make sim-full` when present (it takes ~10 min to build and simulate), else runs one task."""
+    from hw.config import get_hw_preset
+    from quant.config import get_quant_preset
+    path = Path(reuse)
+    if preset == "edge-moe" and path.exists():
+        rep = json.loads(path.read_text())
+        src = f"{path} (make sim-full)"
+    else:
+        from model.config import get_preset
+        from quant.compiler import compile_program, synthetic_state_dict
+        from quant.qweights import quantize_weights
+        from sim.rtl_sim import simulate
+        cfg, q = get_preset(preset), get_quant_preset("edge-moe-fixed")
+        hw = get_hw_preset("zcu102-16x16" if preset != "tiny" else "small-8x8")
+        prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, synthetic_state_dict(cfg)))
+        rep = simulate(prog, [cfg.tasks[0]], out_dir=f"out/bench/rtl_{preset}")
+        src = "fresh simulation"
+    out = {"source": src, "hw": rep["hw"], "tasks": {}}
+    for task, r in rep["tasks"].items():
+        print(f"RTL {rep['model']} / {rep['hw']} task {task} ({src}): {r['cycles']:,} cycles = "
+              f"{r['ms']:.2f} ms at {rep['clock_mhz']:g} MHz, bit-exact {r['bit_exact']}, cycle model "
+              f"{r['model_error']:+.2%}, MAC-array utilisation {r['mac_array_utilisation']:.3f}")
+        for t, d in r["breakdown"]["per_type"].items():
+            if d.get("macs"):
+                print(f"  {('attention' if t == 'qk' else t):<12} {d['rtl']:>10,} cycles  "
+                      f"{d['macs'] / 1e6:>8.1f} MMAC  utilisation {d['utilisation']:.3f} "
+                      f"(of {d['peak_macs_per_cycle']} MACs/cycle)")
+        out["tasks"][task] = {"cycles": r["cycles"], "ms": r["ms"], "per_type": r["breakdown"]["per_type"]}
+    return out
+
+
 def bench_data() -> dict:
     """Synthetic scene generation speed at 128x256."""
     from model.data import bench_data as bd
     return {"samples_per_minute_128x256": bd()}
 
 
-BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data}
+BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data,
+           "rtl": bench_rtl}
 
 
 def main(argv=None) -> int:

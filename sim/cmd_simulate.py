@@ -19,6 +19,9 @@ def add_arguments(p):
                                                              "(default: HWConfig.dram_latency_cycles)")
     p.add_argument("--beats-per-cycle", type=float, default=None,
                    help="DRAM bandwidth in AXI beats per cycle (default from HWConfig.dram_gbps)")
+    p.add_argument("--intermediates", action="store_true",
+                   help="also compare every intermediate tensor (a STORE after each layer: "
+                        "quant.compiler.debug_program; the cycles then include those STOREs)")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
     p.add_argument("--out", default="out/simulate", help="output folder (JSON, PNG, program)")
 
@@ -65,7 +68,8 @@ def run(args) -> int:
         image = x[0].numpy()
     print(f"{cfg.name} / {q.name} / {hw.name}: {len(prog.instrs)} instructions, memory image "
           f"{prog.image_bytes:,} B, weights: {desc}")
-    rep = simulate(prog, tasks, image, args.out, args.latency, args.beats_per_cycle, args.simulator)
+    rep = simulate(prog, tasks, image, args.out, args.latency, args.beats_per_cycle, args.simulator,
+                   intermediates=args.intermediates)
     ok = True
     for t, r in rep["tasks"].items():
         ok &= r["bit_exact"]
@@ -78,6 +82,10 @@ def run(args) -> int:
         print(f"  DRAM read {r['dram_bytes_read']:,} B, written {r['dram_bytes_written']:,} B; "
               f"saturations {r['sat_count']} (golden {r['golden_sat']}); instructions "
               f"{r['instructions']}; simulated in {r['wall_s']:.1f} s")
+        if r["intermediates"]:
+            bad = [x for x in r["intermediates"] if x["mismatches"]]
+            print(f"  intermediate tensors: {len(r['intermediates']) - len(bad)}/{len(r['intermediates'])} "
+                  f"bit-exact" + (f"; first differing: {bad[0]['name']} {bad[0]['first']}" if bad else ""))
         print(format_table(t, r))
     print(f"\nbuild {rep['build_s']:.1f} s, total wall {rep['wall_s']:.1f} s; wrote {args.out}/simulate.json, "
           f"{args.out}/simulate.png")

@@ -25,6 +25,8 @@ from sim.perf_model import CYCLE_TYPES, _linear_type
 def instr_type(name: str) -> str:
     """Layer type (sim.perf_model.CYCLE_TYPES) of a compiled instruction's name."""
     leaf = name.split(".")[-1]
+    if name == "store" or leaf == "tap":
+        return "store"
     if name.startswith("embed."):
         return "embed"
     if leaf in ("norm1", "norm2"):
@@ -33,8 +35,6 @@ def instr_type(name: str) -> str:
         return "attention"
     if leaf == "gate":
         return "gate"
-    if name == "store":
-        return "store"
     if leaf in ("experts", "end") or name == "end":
         return "control"
     return _linear_type(name)
@@ -61,21 +61,32 @@ def breakdown(program, task_result: dict, model: dict) -> dict:
         t = instr_type(r["name"])
         t = "qk" if t == "attention" else t          # the model splits attention into qk + av
         rtl[t] = rtl.get(t, 0) + r["cycles"]
-    mod = {t: d["cycles"] for t, d in model["by_type"].items()}
+    bt = model["by_type"]
+    mod = {t: d["cycles"] for t, d in bt.items()}
+    macs = {t: d["macs"] for t, d in bt.items()}
+    peak = {t: d["peak_macs_per_cycle"] for t, d in bt.items()}
     if "av" in mod:
         mod["qk"] = mod.get("qk", 0) + mod.pop("av")
+        macs["qk"] = macs.get("qk", 0) + macs.pop("av")
     mod["control"] = mod.get("control", 0)
     types = [t for t in CYCLE_TYPES if t in rtl or t in mod]
-    table = {t: {"rtl": rtl.get(t, 0), "model": mod.get(t, 0)} for t in types}
+    table = {}
+    for t in types:
+        d = {"rtl": rtl.get(t, 0), "model": mod.get(t, 0), "macs": int(macs.get(t, 0)),
+             "peak_macs_per_cycle": int(peak.get(t, 0))}
+        # useful MACs / (lanes x measured cycles) of the unit that runs the layer type
+        d["utilisation"] = d["macs"] / (d["peak_macs_per_cycle"] * d["rtl"]) if d["macs"] and d["rtl"] else 0.0
+        table[t] = d
     return {"per_type": table, "per_instruction": rows}
 
 
 def format_table(task: str, r: dict) -> str:
-    lines = [f"{'layer type':<12}{'RTL cycles':>12}{'model':>12}{'diff':>8}"]
+    lines = [f"{'layer type':<12}{'RTL cycles':>12}{'model':>12}{'diff':>8}{'MAC util':>10}"]
     for t, d in r["breakdown"]["per_type"].items():
         name = "attention" if t == "qk" else t
         diff = (d["model"] - d["rtl"]) / d["rtl"] if d["rtl"] else 0.0
-        lines.append(f"{name:<12}{d['rtl']:>12,}{d['model']:>12,}{diff:>8.1%}")
+        util = f"{d['utilisation']:>10.3f}" if d.get("macs") else ""
+        lines.append(f"{name:<12}{d['rtl']:>12,}{d['model']:>12,}{diff:>8.1%}{util}")
     lines.append(f"{'total':<12}{r['cycles']:>12,}{r['model_cycles']:>12,}{r['model_error']:>8.1%}")
     return "\n".join(lines)
 
@@ -97,20 +108,28 @@ def _progress(path: Path, total: int, stop: threading.Event, desc: str):
 
 
 def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
-             beats_per_cycle=None, simulator="verilator", timeout_s=3600, progress=True) -> dict:
+             beats_per_cycle=None, simulator="verilator", timeout_s=3600, progress=True,
+             intermediates=False) -> dict:
     """Run the whole-inference RTL simulation (module docstring). image: float [C,H,W] (default:
-    the seeded random image of sim/tb_accel.py)."""
+    the seeded random image of sim/tb_accel.py). intermediates: run quant.compiler.debug_program
+    instead (a STORE after every layer) and compare every stored intermediate tensor; its
+    cycles include those STOREs."""
     from hw.accel import Accelerator
     from quant.interpreter import run_program
     from sim.perf_model import inference_cycles
     from sim.runner import run_cocotb
 
     cfg, q, hw = program.cfg, program.qcfg, program.hwcfg
+    taps = []
+    if intermediates:
+        from quant.compiler import debug_program
+        program, taps = debug_program(program, hw.t_in)
     tasks = [cfg.tasks[cfg.task_index(t)] for t in (tasks or cfg.tasks)]
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-sim-"))
     out.mkdir(parents=True, exist_ok=True)
     prog_dir = program.save(out / "program")
-    conf = {"program": str(prog_dir), "tasks": tasks}
+    conf = {"program": str(prog_dir), "tasks": tasks,
+            "taps": [{"name": t.name, "offset": t.offset, "rows": t.rows, "k": t.k} for t in taps]}
     if image is not None:
         np.save(out / "image.npy", np.asarray(image, np.float32))
         conf["image"] = str(out / "image.npy")
@@ -162,7 +181,8 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
                    mac_array_utilisation=macs_array, macs=model["totals"]["macs"],
                    breakdown=bd, model_split={k: {c: d[c] for c in ("compute", "dram_wait", "overhead")}
                                               for k, d in model["by_type"].items()},
-                   dram=r.get("dram", {}))
+                   dram=r.get("dram", {}), intermediates=r.get("taps", []))
+        rep["bit_exact"] = rep["bit_exact"] and all(x["mismatches"] == 0 for x in rep["intermediates"])
         report["tasks"][t] = rep
     (out / "simulate.json").write_text(json.dumps(report, indent=1, default=float))
     _plot(report, out / "simulate.png")

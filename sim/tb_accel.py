@@ -9,7 +9,8 @@ path of a float [C,H,W] image, or absent: a seeded random image), latency_cycles
 beats_per_cycle (DRAM model overrides), progress (a file path: one line per retired instruction
 is appended, for the CLI's progress bar), batch / features_out (an .npy of images [N,C,H,W]: run
 each through every task, write the features to the .npz features_out), errors (list of {"pc": i, "words": [8 ints]}: patch the
-program and expect that error instead of a result).
+program and expect that error instead of a result), taps (quant.compiler.debug_program's: compare
+every stored intermediate tensor with the executor's).
 Result: per task cycles, DRAM bytes, saturations, instructions, mismatches, and the per-
 instruction trace (pc, expert, cycles) from the top's `retire` pulses.
 """
@@ -59,7 +60,7 @@ async def _trace(dut, clk_cycles, out, progress):
 @cocotb.test()
 async def accel_inference(dut):
     from quant.interpreter import run_program
-    from quant.program import load_program
+    from quant.program import container_bytes, decode_values, load_program
     from sim.dram import CocotbAccelBackend
     from sim.driver import DriverError
 
@@ -131,6 +132,19 @@ async def accel_inference(dut):
         wall = time.perf_counter() - wall
         gold = run_program(program, image, task)
         exp = gold.features
+        taps = []
+        for tp in conf.get("taps", []):
+            # a debug program's intermediate tensors (quant.compiler.debug_program)
+            nb = tp["rows"] * tp["k"] * container_bytes(program.qcfg.act)
+            got_t = decode_values(be.mem.read(drv.addr["output"] + tp["offset"], nb), tp["rows"] * tp["k"],
+                                  program.qcfg.act).reshape(tp["rows"], tp["k"])
+            exp_t = decode_values(gold.output[tp["offset"]:tp["offset"] + nb], tp["rows"] * tp["k"],
+                                  program.qcfg.act).reshape(tp["rows"], tp["k"])
+            bad = np.argwhere(got_t != exp_t)
+            taps.append({"name": tp["name"], "rows": tp["rows"], "k": tp["k"], "mismatches": int(len(bad)),
+                         "first": None if not len(bad) else {
+                             "row": int(bad[0][0]), "col": int(bad[0][1]),
+                             "expected": int(exp_t[tuple(bad[0])]), "got": int(got_t[tuple(bad[0])])}})
         diff = np.argwhere(exp != res.features)
         first = None
         if diff.size:
@@ -143,7 +157,7 @@ async def accel_inference(dut):
             "elements": int(exp.size), "golden_sat": int(gold.stats.sat.saturated()),
             "golden_instructions": gold.stats.retired,
             "golden_read": gold.stats.dram_read, "golden_written": gold.stats.write_bytes,
-            "wall_s": wall, "trace": list(trace), "start_cycle": starts[0] if starts else 0,
+            "wall_s": wall, "trace": list(trace), "taps": taps, "start_cycle": starts[0] if starts else 0,
             "dram": be.mem.stats() if hasattr(be.mem, "stats") else {},
         }
     write_result(results)

@@ -109,3 +109,16 @@ def test_eval_rtl_equals_golden():
     assert rep["rtl"]["metrics_equal_golden"]
     a, b = rep["backends"]["rtl-edge-moe-fixed"], rep["backends"]["edge-moe-fixed"]
     assert a["semseg"] == b["semseg"] and a["depth"] == b["depth"]
+
+
+def test_accel_intermediates_bit_exact(tmp_path):
+    """`edgemoe simulate --intermediates`: a STORE after every layer (quant.compiler.debug_program);
+    every stored intermediate tensor of the RTL equals the executor's."""
+    from sim.rtl_sim import simulate
+    cfg, q, h, prog, path = tiny_program(tmp_path, seed=3)
+    rep = simulate(prog, [cfg.tasks[1]], out_dir=tmp_path / "sim", intermediates=True, progress=False)
+    r = rep["tasks"][cfg.tasks[1]]
+    names = [t["name"] for t in r["intermediates"]]
+    assert "blocks.0.attn" in names and "blocks.1.mlp.experts" in names and "patch_embed" in names
+    assert all(t["mismatches"] == 0 for t in r["intermediates"]), [t for t in r["intermediates"] if t["mismatches"]]
+    assert r["bit_exact"] and (tmp_path / "sim" / "simulate.png").exists()
