@@ -99,6 +99,11 @@ class Accelerator(wiring.Component):
             "retire": Out(1), "retire_pc": Out(20), "retire_expert": Out(8), "busy": Out(1),
         })
 
+    @classmethod
+    def from_unit_args(cls, qcfg: QuantConfig, hwcfg: HWConfig, cfg) -> "Accelerator":
+        """hw/units.py's factory argument order (qcfg, hwcfg, model config)."""
+        return cls(cfg, qcfg, hwcfg)
+
     def elaborate(self, platform):
         from .attention_op import AttentionOp
         from .gate_op import GateOp

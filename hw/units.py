@@ -37,6 +37,7 @@ UNITS = {
     "gate": _lazy("gate", "Gate", True),
     "attention": _lazy("attention", "AttentionEngine.from_model", True),
     "compute": _lazy("compute", "ComputeUnit", True),
+    "accel": _lazy("accel", "Accelerator.from_unit_args", True),     # the whole accelerator top
 }
 
 

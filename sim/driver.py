@@ -1,5 +1,5 @@
 """Host driver of the edgemoe accelerator, written against two small interfaces so that the same
-code drives the Python model now, a PYNQ board, and later the cocotb simulation of the RTL.
+code drives the Python model, a PYNQ board, and the cocotb simulation of the RTL top (hw/accel.py).
 
 Interfaces
 ----------
@@ -9,9 +9,9 @@ Methods may be plain or `async` (coroutines): AcceleratorDriver needs plain ones
 AsyncAcceleratorDriver awaits whatever is awaitable. Both share one implementation: every
 operation is a generator that yields bus requests ("r32", off) / ("w32", off, v) /
 ("wmem", addr, data) / ("rmem", addr, n) / ("sleep", seconds); the sync and async runners only
-differ in how they perform a request. A cocotb backend (AXI4-Lite master + DRAM model, added with
-the accelerator top) implements async read32/write32 and passes sleep=lambda s: Timer(s, "sec")
-(or ClockCycles) to AsyncAcceleratorDriver.
+differ in how they perform a request. The cocotb backend is sim/dram.py's CocotbAccelBackend
+(AXI4-Lite master for MMIO, the AXI4 DRAM model's array as the memory, ClockCycles for sleep);
+sim/tb_accel.py runs AsyncAcceleratorDriver through it against the RTL top.
 
 Register map (AXI4-Lite, 32-bit registers, byte offsets; REGMAP_VERSION 1)
 ----------------------------------------------------------------------
