@@ -59,11 +59,17 @@ def make_row(name, kind, label, ms, j=None, watts=None, j_note=None, **extra) ->
             "watts": _rng(watts), "energy_note": j_note if j is None else None, **extra}
 
 
-def rtl_cycles(path) -> tuple[int, str]:
-    """The image's cycles from an RTL simulation result JSON ('cycles', 'total_cycles' or
-    'counters': {'cycles'})."""
+def rtl_cycles(path, task: str | None = None) -> tuple[int, str]:
+    """The image's cycles from an RTL simulation result JSON: `edgemoe simulate`'s simulate.json
+    ('tasks': {task: {'cycles'}}; the given task, else the first), or 'cycles', 'total_cycles'
+    or 'counters': {'cycles'}."""
     d = json.loads(Path(path).read_text())
-    for get in (lambda d: d["cycles"], lambda d: d["total_cycles"], lambda d: d["counters"]["cycles"]):
+
+    def from_simulate(d):
+        tasks = d["tasks"]
+        return tasks[task]["cycles"] if task in tasks else next(iter(tasks.values()))["cycles"]
+    for get in (from_simulate, lambda d: d["cycles"], lambda d: d["total_cycles"],
+                lambda d: d["counters"]["cycles"]):
         try:
             c = get(d)
         except (KeyError, TypeError):
@@ -102,7 +108,8 @@ def accelerator_row(cfg, q, hw, task, routing_kind="uniform", rtl_json=None) -> 
     if routing_kind == "golden":
         routing, rsrc = golden_routing(cfg, q, hw, task if task is not None else 0)
     perf = inference_cycles(cfg, q, hw, routing, routing_source=rsrc)
-    cycles, csrc = rtl_cycles(rtl_json) if rtl_json else (None, None)
+    tname = cfg.tasks[cfg.task_index(task)] if task is not None else None
+    cycles, csrc = rtl_cycles(rtl_json, tname) if rtl_json else (None, None)
     e = energy_estimate(cfg, q, hw, perf=perf, cycles=cycles, cycles_source=csrc)
     row = make_row(f"accelerator {cfg.name}/{q.name}/{hw.name}", "estimate", e["label"],
                    e["ms_per_image"], e["j_per_image"], e["watts"],

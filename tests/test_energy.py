@@ -140,3 +140,15 @@ def test_energy_cli_bad_inputs(tmp_path, capsys):
     bad.write_text(json.dumps({"cyc": 5}))
     assert main(["energy", "--preset", "tiny", "--no-cpu", "--rtl-json", str(bad)]) == 2
     assert "no 'cycles'" in capsys.readouterr().out
+
+
+def test_energy_reads_simulate_json_per_task(tmp_path):
+    """`edgemoe simulate`'s simulate.json: the accelerator row takes the given task's RTL cycles."""
+    from sim.cli import main
+    rtl = tmp_path / "simulate.json"
+    rtl.write_text(json.dumps({"tasks": {"semseg": {"cycles": 50000}, "depth": {"cycles": 70000}}}))
+    out = tmp_path / "energy.json"
+    assert main(["energy", "--preset", "tiny", "--no-cpu", "--no-reference", "--task", "depth",
+                 "--rtl-json", str(rtl), "--json", str(out)]) == 0
+    acc = json.loads(out.read_text())["rows"][0]
+    assert acc["ms_per_image"][0] == pytest.approx(70000 / 300e3)
