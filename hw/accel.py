@@ -41,7 +41,7 @@ Exported module `edgemoe_accel`: clk, rst; m_axi__* (AXI4 master, hw/axi.py), s_
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -53,7 +53,7 @@ from quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGAL, ERR_L
                            FIELDS, INSTR_BYTES, ISA_VERSION, LOAD_ADD, USED, Buf, Flag, Op,
                            _RESERVED, config_hash)
 
-from .accel_plan import AccelPlan, accel_plan, bits_for
+from .accel_plan import accel_plan
 from .axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature
 from .config import HWConfig, HWConfigError
 

@@ -32,7 +32,7 @@ rows must be >= 1 (the top rejects other shapes; rows = 0 would never finish).
 """
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Signal, unsigned
+from amaranth.hdl import Module, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 

@@ -51,7 +51,7 @@ from amaranth.lib.wiring import In, Out
 from quant.config import QuantConfig
 from quant.program import Flag
 
-from .accel_plan import (AccelPlan, accel_plan, buf_read_signature, buf_write_signature,
+from .accel_plan import (accel_plan, buf_read_signature, buf_write_signature,
                          queue_read_signature)
 from .compute import ComputeUnit
 from .config import HWConfig, HWConfigError

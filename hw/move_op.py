@@ -18,7 +18,7 @@ StoreOp ports: start, done; rows, words, wpr_k; src (BufRead); d Out(stream of b
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 

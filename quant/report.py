@@ -27,7 +27,7 @@ from .calibrate import float_forward, one_torch_thread
 from .config import QuantConfig, get_quant_preset
 
 RANDOM_EXPERTS = "experts: RANDOM (not in the published weights)"
-WEIGHT_KINDS = ("seeded", "edge-moe-bin")
+WEIGHT_KINDS = ("seeded", "edge-moe-bin", "auto")
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Weights:
 
 
 def load_weights(cfg, kind: str, seed: int = 0, folder=None) -> Weights:
-    """seeded: M3ViT(cfg, seed) (every weight random). edge-moe-bin: the trained Edge-MoE weights
+    """seeded: M3ViT(cfg, seed) (every weight random). auto: edge-moe-bin for the edge-moe preset
+    when its folder exists, else seeded. edge-moe-bin: the trained Edge-MoE weights
     (folder, default ../shared/edge-moe-cityscapes), the missing experts filled with seeded random
     values. Fails clearly if the folder is absent."""
     import torch
@@ -50,6 +51,11 @@ def load_weights(cfg, kind: str, seed: int = 0, folder=None) -> Weights:
     from model.checkpoint import default_edge_moe_dir, load_backbone
     from model.m3vit import M3ViT
 
+    if kind == "auto":
+        # trained weights by default: the real Edge-MoE weights for the edge-moe preset when the
+        # shared folder is there, else seeded random ones (the banner says which)
+        have = folder is not None or default_edge_moe_dir().is_dir()
+        kind = "edge-moe-bin" if cfg.name == "edge-moe" and have else "seeded"
     if kind == "seeded":
         with one_torch_thread():
             m = M3ViT(cfg, seed=seed).eval()

@@ -9,8 +9,9 @@ def add_arguments(p):
     p.add_argument("--preset", default="edge-moe", help="model preset (model/config.py PRESETS)")
     p.add_argument("--quant", default="edge-moe-fixed",
                    help="quant preset, or a comma list (e.g. edge-moe-fixed,w8a16)")
-    p.add_argument("--weights", default="seeded", choices=("seeded", "edge-moe-bin"),
-                   help="seeded random weights, or the trained Edge-MoE weights (experts: seeded random)")
+    p.add_argument("--weights", default="auto", choices=("auto", "seeded", "edge-moe-bin"),
+                   help="seeded random weights, or the trained Edge-MoE weights (experts: seeded random); "
+                        "auto (default): the trained ones for edge-moe when ../shared has them")
     p.add_argument("--weights-dir", help="Edge-MoE weight folder (default ../shared/edge-moe-cityscapes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights / random experts")
     p.add_argument("--task", default="all", help="task name or index, or 'all' (default)")

@@ -1,14 +1,17 @@
 """`make demo`: the main job end to end on the built-in preset.
 
 Stages (each prints what it did and where its outputs are):
-  1. float M3ViT (edge-moe preset, seeded weights) on a real image, both tasks -> PNG
+  1. float M3ViT (edge-moe preset; the trained Edge-MoE weights from ../shared when present,
+     experts seeded random, else seeded weights) on a real image, both tasks -> PNG
   2. workload profile (MACs, parameters, bytes, expert routing on this image)
   3. CPU baseline of the float backbone (measured here)
   4. golden fixed-point model (edge-moe-fixed) vs float on the same image, both tasks
   5. compiled accelerator program run by the host driver on the Python machine model:
      bit-exact against the golden model; DRAM bytes; cycle-model latency and energy (estimates)
-  6. the shipped trained tiny checkpoint: task metrics float vs golden (edge-moe-fixed, w8a16)
-  7. the report folder (JSON + PNGs + report.md)
+  6. the tiny preset (shipped trained checkpoint) through the RTL accelerator top under cocotb +
+     Verilator, both tasks: bit-exact against the golden model, cycles vs the cycle model
+  7. the shipped trained tiny checkpoint: task metrics float vs golden (edge-moe-fixed, w8a16)
+  8. the report folder (JSON + PNGs + report.md)
 """
 from __future__ import annotations
 
@@ -125,7 +128,6 @@ def accelerator_stage(cfg, model, x) -> dict:
 def rtl_stage(ckpt: str, out: Path) -> dict:
     """The tiny preset (trained checkpoint when present) through the RTL accelerator top under
     cocotb + Verilator, both tasks, bit-exact against the golden model."""
-    import numpy as np
     from hw.config import get_hw_preset
     from model.checkpoint import load_checkpoint
     from model.config import get_preset
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="edge-moe")
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default="auto", choices=("auto", "seeded", "edge-moe-bin"),
+                    help="auto: the trained Edge-MoE weights (experts seeded random) for edge-moe when "
+                         "../shared has them, else seeded random weights")
     ap.add_argument("--image", default=None, help="input image (default: shared Cityscapes image, else a sample photo)")
     ap.add_argument("--bench-iters", type=int, default=20)
     ap.add_argument("--ckpt", default=str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"))
@@ -185,7 +190,6 @@ def main(argv=None) -> int:
     import torch
     from model.config import get_preset
     from model.images import load_image
-    from model.m3vit import M3ViT
     from model.profile import routing_profile, summary
     from sim.cmd_bench import format_result, measure
 
@@ -193,10 +197,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = get_preset(args.preset)
-    report = {"preset": cfg.name, "weights": f"seeded random (seed {args.seed})"}
+    report = {"preset": cfg.name}
 
-    _stage(f"1. float M3ViT '{cfg.name}', seeded weights, both tasks")
-    model = M3ViT(cfg, seed=args.seed).eval()
+    from quant.report import load_weights
+    w = load_weights(cfg, args.weights, args.seed)
+    report["weights"] = w.banner
+    _stage(f"1. float M3ViT '{cfg.name}' ({w.banner}), both tasks")
+    model = w.model
     x, desc = load_image(cfg, args.image)
     report["float"] = float_outputs(cfg, model, x, out, desc)
 

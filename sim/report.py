@@ -199,7 +199,7 @@ def build_report(preset: str, out, quants=("edge-moe-fixed",), hw_name: str = "z
         from quant.report import load_weights, plot_report
         from quant.report import quant_report as qr
         x, desc = load_image(cfg)
-        w = load_weights(cfg, "seeded")
+        w = load_weights(cfg, "auto")
         qrep = qr(cfg, w, qcfgs, x[0].numpy(), desc, None, hw.attn_p)
         (out / "quant_report.json").write_text(json.dumps(qrep, indent=1, default=str))
         plot_report(qrep, qcfgs, out / "quant_report.png")

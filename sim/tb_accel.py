@@ -67,7 +67,6 @@ async def accel_inference(dut):
     conf = tb_config()
     program = load_program(conf["program"])
     cfg, hw = program.cfg, program.hwcfg
-    period_ns = 1000.0 / hw.clock_mhz
     cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
     dut.rst.value = 1
     for name in ("s_axil__awvalid", "s_axil__wvalid", "s_axil__arvalid", "s_axil__bready", "s_axil__rready"):
