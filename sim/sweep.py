@@ -20,8 +20,9 @@ OBJECTIVES = ("ms", "dsp", "j_per_image")
 # hw.units registry name -> sim.resources unit it measures
 SYNTH_UNITS = {"compute": "mac_array", "softmax": "softmax_stats", "softmax_norm": "softmax_norm",
                "layernorm": "layernorm", "gate": "gate"}
-DEFAULT_GRID = {"tiles": ["8x8", "16x16", "16x32", "32x32"], "attn_p": [2, 4, 8],
-                "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256, 512]}
+# what hw/accel.py can build: square tiles (t_in = t_out = lanes), a 256-bit AXI port
+DEFAULT_GRID = {"tiles": ["8x8", "16x16", "32x32"], "attn_p": [2, 4, 8],
+                "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256]}
 
 
 class SweepError(ValueError):
@@ -58,8 +59,20 @@ def point_hw(pt: dict):
     base = get_hw_preset(pt["hw_base"])
     name = (f"{pt['t_in']}x{pt['t_out']}-p{pt['attn_p']}-axi{pt['axi_data_bits']}-"
             f"{pt['dram_gbps']:g}GBs")
+    # the accelerator top feeds every unit from one buffer word: vector lanes = t_in
     return base.replace(name=name, t_in=pt["t_in"], t_out=pt["t_out"], attn_p=pt["attn_p"],
-                        dram_gbps=pt["dram_gbps"], axi_data_bits=pt["axi_data_bits"])
+                        lanes=pt["t_in"], dram_gbps=pt["dram_gbps"], axi_data_bits=pt["axi_data_bits"])
+
+
+def check_buildable(cfg, q, hw) -> None:
+    """Raise (HWConfigError) when hw/accel.py cannot generate this point's accelerator top."""
+    from hw.accel_plan import accel_plan
+    from hw.config import HWConfigError
+    from quant.program import INSTR_BYTES
+    if hw.axi_data_bits != 8 * INSTR_BYTES:
+        raise HWConfigError(f"the accelerator top fetches one instruction per beat: axi_data_bits "
+                            f"must be {8 * INSTR_BYTES}, got {hw.axi_data_bits}")
+    accel_plan(cfg, q, hw)
 
 
 def evaluate_point(pt: dict, preset: str, routing=None, measured: dict | None = None) -> dict:
@@ -74,6 +87,7 @@ def evaluate_point(pt: dict, preset: str, routing=None, measured: dict | None = 
     t0 = time.perf_counter()
     try:
         cfg, q, hw = get_preset(preset), get_quant_preset(pt["quant"]), point_hw(pt)
+        check_buildable(cfg, q, hw)
         perf = inference_cycles(cfg, q, hw, routing)
         res = estimate_resources(cfg, q, hw, measured=measured)
         e = power_from(res, perf, hw.clock_mhz)

@@ -5,7 +5,7 @@ import pytest
 
 from sim import sweep as sw
 
-TINY_GRID = {"tiles": ["8x8", "16x16", "64x64"], "attn_p": [1, 4], "quant": ["edge-moe-fixed", "w8a16"],
+TINY_GRID = {"tiles": ["8x8", "16x16", "32x32"], "attn_p": [1, 4], "quant": ["edge-moe-fixed", "w8a16"],
              "dram_gbps": [4.8, 19.2], "axi_bits": [256]}
 
 
@@ -30,10 +30,10 @@ def test_best_design_fits_and_is_fastest(tiny_sweep):
     b = pts[tiny_sweep["best"]]
     assert b["fits"] and all(v <= 1 for v in b["utilisation"].values())
     assert b["ms"] == min(p["ms"] for p in pts if p["fits"])
-    # 64x64 tiles at 32-bit x 16-bit need 2 DSP per MAC: 8192 DSP > 2520, never chosen
-    big = [p for p in pts if p["t_in"] == 64 and p["quant"] == "edge-moe-fixed"]
+    # 32x32 tiles at 32-bit x 16-bit need 2 DSP per MAC: 2048 + attention + LayerNorm > 2520
+    big = [p for p in pts if p["t_in"] == 32 and p["quant"] == "edge-moe-fixed"]
     assert big and all(not p["fits"] and p["dsp"] > 2520 for p in big)
-    assert not any(pts[i]["t_in"] == 64 and pts[i]["quant"] == "edge-moe-fixed" for i in tiny_sweep["front"])
+    assert not any(pts[i]["t_in"] == 32 and pts[i]["quant"] == "edge-moe-fixed" for i in tiny_sweep["front"])
     assert "dask LocalCluster" in tiny_sweep["workers"] and tiny_sweep["estimate"]
 
 
@@ -48,6 +48,17 @@ def test_sweep_moves_the_right_way(tiny_sweep):
     slow = get(t_in=16, attn_p=4, quant="edge-moe-fixed", dram_gbps=4.8)
     fast = get(t_in=16, attn_p=4, quant="edge-moe-fixed", dram_gbps=19.2)
     assert slow["ms"] > fast["ms"] and slow["dram_mb"] == fast["dram_mb"]
+
+
+def test_unbuildable_point_is_reported():
+    """A point the accelerator top cannot generate (tiny's head_dim 32 is not a multiple of
+    64-lane buffer words; a 512-bit port) is an error naming why, never a silent estimate."""
+    pts = [sw.evaluate_point(p, "tiny") for p in sw.grid_points(
+        {"tiles": ["64x64"], "attn_p": [4], "quant": ["edge-moe-fixed"], "dram_gbps": [19.2], "axi_bits": [256]})
+        + sw.grid_points({"tiles": ["16x16"], "attn_p": [4], "quant": ["edge-moe-fixed"],
+                          "dram_gbps": [19.2], "axi_bits": [512]})]
+    assert not pts[0]["ok"] and "head_dim = 32 must be a multiple of t_in = 64" in pts[0]["error"]
+    assert not pts[1]["ok"] and "axi_data_bits must be 256" in pts[1]["error"]
 
 
 def test_pareto_on_hand_made_points():
