@@ -125,7 +125,7 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
         from quant.compiler import debug_program
         program, taps = debug_program(program, hw.t_in)
     tasks = [cfg.tasks[cfg.task_index(t)] for t in (tasks or cfg.tasks)]
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-sim-"))
+    out = (Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-sim-"))).resolve()  # the simulator runs elsewhere
     out.mkdir(parents=True, exist_ok=True)
     prog_dir = program.save(out / "program")
     conf = {"program": str(prog_dir), "tasks": tasks,
@@ -196,7 +196,7 @@ def rtl_features(program, images, tasks=None, out_dir=None, timeout_s=3600) -> d
     from sim.runner import run_cocotb
     cfg = program.cfg
     tasks = [cfg.tasks[cfg.task_index(t)] for t in (tasks or cfg.tasks)]
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-rtl-"))
+    out = (Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-rtl-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "images.npy", np.asarray(images, np.float32))
     conf = {"program": str(program.save(out / "program")), "tasks": tasks,

@@ -160,6 +160,9 @@ def run_sweep(preset: str, grid: dict | None = None, hw_base: str = "zcu102-16x1
     from .energy import calibrate
     grid = {**DEFAULT_GRID, **(grid or {})}
     pts = grid_points(grid, hw_base)
+    if routing is not None:    # plain arrays only: the points travel to the workers (pickled)
+        import numpy as np
+        routing = {int(b): {"topk_idx": np.asarray(r["topk_idx"])} for b, r in routing.items()}
     calibrate()                # once here: the in-process workers share the cached fit
     t0 = time.perf_counter()
     client, cluster = _client(scheduler, workers)
