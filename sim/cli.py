@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sim.cmd_train", "multi-task training on the synthetic scenes -> checkpoint"),
     "eval": ("sim.cmd_eval", "test-split mIoU / depth RMSE: float model vs. golden fixed point"),
     "verilog": ("sim.cmd_verilog", "write one hardware unit as Verilog and RTLIL"),
-    "synth": ("sim.cmd_synth", "Yosys resource estimate (and --fmax: ECP5 Fmax) of one unit"),
+    "synth": ("sim.cmd_synth", "Yosys resources of one unit (--fmax: ECP5 Fmax) or of the whole accelerator (--top)"),
     "calibrate": ("sim.cmd_calibrate", "choose per-tensor-class fixed-point formats from float ranges"),
     "quant-report": ("sim.cmd_quant_report", "golden vs float fidelity per layer (SQNR, cosine, routing) + PNG"),
     "simulate": ("sim.cmd_simulate", "whole-inference RTL simulation of the accelerator (cocotb + Verilator), bit-exact check, cycles"),

@@ -1,4 +1,5 @@
-"""`edgemoe synth`: Yosys resource estimate (UltraScale+) and optional ECP5 Fmax of one unit."""
+"""`edgemoe synth`: Yosys resource estimate (UltraScale+) and optional ECP5 Fmax of one unit, or
+(--top) of the whole accelerator top edgemoe_accel against the part budget (hw/synth_accel.py)."""
 from __future__ import annotations
 
 import json
@@ -6,14 +7,69 @@ import json
 
 def add_arguments(parser) -> None:
     from .cmd_verilog import add_common_unit_arguments
-    add_common_unit_arguments(parser)
+    add_common_unit_arguments(parser, unit_required=False)
+    parser.add_argument("--top", action="store_true",
+                        help="synthesise the whole accelerator top (edgemoe_accel) instead of --unit")
+    parser.add_argument("--target", default="xcup", choices=("xcup", "ecp5"),
+                        help="--top: Yosys synth_xilinx -family xcup or synth_ecp5")
+    parser.add_argument("--act-buffer-tokens", type=int, default=None,
+                        help="--top: override HWConfig.act_buffer_tokens (buffer depth)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="--top: keep design.il, run.ys, yosys.log, stat.json and write "
+                             "synth_accel.json here")
     parser.add_argument("--fmax", action="store_true",
                         help="also place and route on ECP5-85k (nextpnr) for a relative Fmax")
     parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per tool run")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per tool run (default 600; --top: 3600)")
+
+
+def run_top(args) -> int:
+    from pathlib import Path
+
+    from hw.synth import SynthError
+    from hw.synth_accel import format_result, synth_accel
+
+    from .cmd_verilog import resolve_configs
+    if args.fmax:
+        print("edgemoe synth: error: --fmax is for one --unit, not --top")
+        return 2
+    try:
+        mcfg, qcfg, hwcfg = resolve_configs(args)
+        if args.act_buffer_tokens is not None:
+            hwcfg = hwcfg.replace(act_buffer_tokens=args.act_buffer_tokens)
+        res = synth_accel(mcfg, qcfg, hwcfg, args.target, workdir=args.out,
+                          timeout_s=args.timeout or 3600, progress=lambda s: print(s, flush=True))
+    except ValueError as e:   # ConfigError / HWConfigError name the bad field
+        print(f"edgemoe synth: error: {e}")
+        return 2
+    except SynthError as e:
+        print(f"edgemoe synth: synthesis failed: {e}")
+        return 1
+    print(format_result(res))
+    paths = [args.json_out] if args.json_out else []
+    if args.out:
+        paths.append(str(Path(args.out) / "synth_accel.json"))
+    for path in paths:
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1)
+        print(f"wrote {path}")
+    return 0
 
 
 def run(args) -> int:
+    if args.top:
+        if args.unit:
+            print("edgemoe synth: error: give --unit NAME or --top, not both")
+            return 2
+        return run_top(args)
+    if not args.unit:
+        print("edgemoe synth: error: give --unit NAME (one unit) or --top (the whole accelerator)")
+        return 2
+    if args.target != "xcup" or args.out or args.act_buffer_tokens is not None:
+        print("edgemoe synth: error: --target / --out / --act-buffer-tokens go with --top")
+        return 2
+    args.timeout = args.timeout or 600
     from hw.export import module_name, to_rtlil
     from hw.synth import synth_ecp5_fmax, synth_xilinx
     from hw.units import build_unit

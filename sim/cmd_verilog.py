@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 
-def add_common_unit_arguments(parser) -> None:
+def add_common_unit_arguments(parser, unit_required: bool = True) -> None:
     """--unit / --preset / --quant / --hw, shared with `edgemoe synth`."""
     from hw.units import UNITS
-    parser.add_argument("--unit", required=True, choices=sorted(UNITS), help="hardware unit")
+    parser.add_argument("--unit", required=unit_required, choices=sorted(UNITS), help="hardware unit")
     parser.add_argument("--preset", default="tiny", help="model preset (model.config PRESETS)")
     parser.add_argument("--quant", default="edge-moe-fixed", help="quant preset (quant.config)")
     parser.add_argument("--hw", default="zcu102-16x16", help="hardware preset (hw.config)")
