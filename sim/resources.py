@@ -3,29 +3,34 @@
 Per unit (every number labelled with its source in the result):
   mac_array      DSP = T_in*T_out * dsp(act.bits x weight lane bits)   (hw.layernorm.mul_plan's
                  DSP48E2 decomposition, 27x18 signed pieces: 32x16 -> 2, 16x8 -> 1);
-                 LUT = T_out*(T_in-1)*(act+w bits) adder tree (one LUT per sum bit on the carry
-                 chain) + T_out*acc.bits accumulate adders;
-                 FF = 2*T_in*T_out*w bits (ping-pong weight tiles) + T_out*(T_in/4)*(act+w+2)
-                 (adder-tree registers every 2 levels) + 2*T_out*acc.bits;
-                 BRAM = 2 accumulator banks of act_buffer_tokens x T_out*acc.bits.
+                 BRAM = 2 accumulator banks of act_buffer_tokens x T_out*acc.bits;
+                 LUT/FF = tests/baselines/synth_compute.json (MAC array + epilogue) scaled by
+                 T_in*T_out*(act + weight bits), minus the epilogue's share.
   epilogue       T_out lanes of Requant and GELU: tests/baselines/synth_requant.json and
                  synth_gelu.json (yosys synth_xilinx, hwcfg.lanes lanes) scaled by T_out/lanes;
                  gate multiply T_out * dsp(act x gate_prob+1); residual add T_out*act.bits LUT.
-  attention_qk   P lanes of head_dim multipliers attn_in x attn_in (DSP), head_dim-1 adders each
-                 (LUT 2*attn_in bits per adder), the P resident Q rows (FF).
+  attention_qk   the attention engine (hw/attention.py) less its softmax parts: DSP = P*head_dim*
+                 (dsp(attn_in x attn_in) QK + dsp(prob x attn_in) AV); BRAM = its Q/K/V memories
+                 (num_tokens*heads words of head_dim*attn_in bits, LUTRAM when shallow);
+                 LUT/FF = tests/baselines/synth_attention.json scaled by P*head_dim*attn_in bits.
   softmax_stats  tests/baselines/synth_softmax.json (P = attn_p of its config): its shared
                  divider (about 0.8k LUT / 1.9k FF, hw/softmax.py docstring) fixed, the rest
                  scaled by P.
-  softmax_norm   tests/baselines/synth_softmax_norm.json scaled by lanes.
+  softmax_norm   tests/baselines/synth_softmax_norm.json scaled to P one-lane normalisers.
   layernorm      tests/baselines/synth_layernorm.json scaled when present; else DSP
                  from hw.layernorm's plan (dsp_estimate) and LUT/FF = ASSUMPTION (6 LUT + 10 FF per
                  datapath bit of a lane, + 3k LUT / 5k FF statistics).
   gate           tests/baselines/synth_gate.json scaled by experts when present; else ASSUMPTION: 2 DSP per expert
                  (exp2 interpolation, probability multiply), 200 LUT + 300 FF per expert plus the
                  pipelined divider (q_bits stages x (sum bits + 1) LUT and FF).
-  controller_axi ASSUMPTION: 6k LUT, 9k FF, 4 BRAM36 (AXI4 master with read FIFO, AXI4-Lite
-                 registers, instruction decode, buffer multiplexers); nothing is generated yet.
-  buffers        quant.compiler.buffer_plan (X, H, W, S, SM, LN, L, Q) in BRAM36.
+  controller_axi the synthesised top (tests/baselines/synth_accel_edge_moe.json, `edgemoe synth
+                 --top`): controller + load/store engines + AXI interfaces, the controller's
+                 buffer multiplexers scaled by the buffer word width (t_in x lane bits).
+  buffers        quant.compiler.buffer_plan's X, H, W, L, Q in BRAM36 (its S / SM are inside the
+                 attention engine of the RTL).
+Calibration check: for edge-moe / edge-moe-fixed / zcu102-16x16 this gives 117.7k LUT, 95.4k FF,
+1526 DSP, 372 BRAM36 against the synthesised top's 118.6k / 90.7k / 1540 / 366.5
+(tests/test_synth_accel.py keeps them within 10 %).
 A baseline measured on a hardware configuration other than the point's is scaled linearly in
 its lane count (DSP, BRAM) and lanes x datapath width (LUT, FF; act, score or gate_logit
 bits against the baseline's quant preset), stated per unit; the synthesised units replace the estimates with real numbers
@@ -56,7 +61,10 @@ def load_baseline(unit: str, baseline_dir=None) -> dict | None:
     if not p.exists():
         return None
     d = json.loads(p.read_text())
-    return {**{k: d[k] for k in KEYS}, "config": d.get("config") or {}, "path": str(p)}
+    out = {**{k: d[k] for k in KEYS}, "config": d.get("config") or {}, "path": str(p)}
+    if "groups" in d:                      # a whole-top synthesis (hw/synth_accel.py)
+        out["groups"] = d["groups"]
+    return out
 
 
 def _baseline_hw(b: dict):
@@ -88,7 +96,10 @@ def _scaled(b: dict, lane_f: float, width_f: float, what: str, fixed: dict | Non
 
 
 def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
-    from quant.compiler import bram36, buffer_plan
+    from quant.compiler import DISTRIBUTED_MAX_DEPTH, bram36, buffer_plan
+
+    def bram(port_bits, depth):        # shallow memories become LUTRAM (as Yosys maps them)
+        return 0 if depth <= DISTRIBUTED_MAX_DEPTH else bram36(port_bits, depth)
     from quant.linear import tile_layout
     q, hw = qcfg, hwcfg
     Ti, To = hw.t_in, hw.t_out
@@ -100,9 +111,9 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
         "dsp": Ti * To * dsp_per_mult(A, wb),
         "lut": To * (Ti - 1) * (A + wb) + To * ACC,
         "ff": 2 * Ti * To * wb + To * max(1, Ti // 4) * (A + wb + 2) + 2 * To * ACC,
-        "bram36": 2 * bram36(To * ACC, hw.act_buffer_tokens),
-        "source": "analytic (module docstring); no synth baseline of the compute unit"}
-
+        "bram36": 2 * bram(To * ACC, hw.act_buffer_tokens),
+        "source": "analytic (module docstring)"}
+    comp = load_baseline("compute", baseline_dir)
     epi = {"lut": To * A, "ff": 3 * To * A, "dsp": To * dsp_per_mult(A, q.gate_prob.bits + 1),
            "bram36": 0}
     parts = ["gate multiply + residual add analytic"]
@@ -117,13 +128,32 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
         parts.append(sc["source"])
     epi["source"] = "; ".join(parts)
     units["epilogue"] = epi
+    if comp is not None:
+        # the synthesised compute unit (MAC array + epilogue) scaled by MACs x datapath width;
+        # the epilogue's share is kept in its own entry
+        bh, bq = _baseline_hw(comp), _baseline_q(comp)
+        f = (Ti * To * (A + wb)) / (bh.t_in * bh.t_out * (bq.act.bits + tile_layout(bq, bh).w_bits))
+        for k in ("lut", "ff"):
+            units["mac_array"][k] = max(0, round(comp[k] * f) - epi[k])
+        units["mac_array"]["source"] = (f"DSP/BRAM analytic; LUT/FF: synth baseline synth_compute.json x "
+                                        f"{f:.3g} (MACs x width) minus the epilogue")
 
     P, dh, ai = hw.attn_p, cfg.head_dim, q.attn_in.bits
-    units["attention_qk"] = {
-        "dsp": P * dh * dsp_per_mult(ai, ai), "lut": P * (dh - 1) * 2 * ai,
-        "ff": P * dh * ai + P * max(1, dh // 4) * (2 * ai + 2), "bram36": 0,
-        "source": "analytic: P x head_dim multipliers attn_in x attn_in, adder trees, resident Q rows"}
-
+    # the attention engine (hw/attention.py): QK lanes P x head_dim attn_in x attn_in multiplies,
+    # AV lanes P x head_dim prob x attn_in, SoftmaxStats, P one-lane SoftmaxNorms, Q/K/V memories
+    # of n x heads rows of head_dim attn_in codes (BRAM), all inside one engine
+    n, H = cfg.num_tokens, cfg.heads
+    eng = {"dsp": P * dh * (dsp_per_mult(ai, ai) + dsp_per_mult(q.prob.bits + 1, ai)),
+           "bram36": 3 * bram(dh * ai, n * H)}
+    b = load_baseline("attention", baseline_dir)
+    if b is not None:
+        bm, bh, bq = _baseline_model(b), _baseline_hw(b), _baseline_q(b)
+        f = (P * dh * ai) / (bh.attn_p * bm.head_dim * bq.attn_in.bits)
+        eng.update(lut=round(b["lut"] * f), ff=round(b["ff"] * f))
+        esrc = f"synth baseline synth_attention.json x {f:.3g} (P x head_dim x attn_in bits)"
+    else:
+        eng.update(lut=P * (dh - 1) * 2 * ai * 2, ff=P * dh * ai * 2)
+        esrc = "ASSUMPTION (no synth baseline): two adder trees per lane"
     b = load_baseline("softmax", baseline_dir)
     if b is not None:
         units["softmax_stats"] = _scaled(b, P / _baseline_hw(b).attn_p,
@@ -131,8 +161,13 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
                                          "P / its attn_p, shared divider fixed", SOFTMAX_DIVIDER)
     b = load_baseline("softmax_norm", baseline_dir)
     if b is not None:
-        units["softmax_norm"] = _scaled(b, hw.lanes / _baseline_hw(b).lanes,
-                                        q.score.bits / _baseline_q(b).score.bits, "lanes")
+        units["softmax_norm"] = _scaled(b, P / _baseline_hw(b).lanes,
+                                        q.score.bits / _baseline_q(b).score.bits, "P one-lane normalisers")
+    # attention_qk = the engine minus its softmax parts (listed on their own for the power model)
+    units["attention_qk"] = {k: max(0, eng[k] - sum(units[u][k] for u in ("softmax_stats", "softmax_norm")
+                                                    if u in units)) for k in KEYS}
+    units["attention_qk"]["source"] = (f"attention engine: DSP = P*head_dim*(QK + AV multiplies), BRAM = "
+                                       f"Q/K/V memories; LUT/FF: {esrc}; minus softmax_stats/_norm")
 
     b = load_baseline("layernorm", baseline_dir)
     if b is not None:
@@ -160,10 +195,26 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
                              "source": "ASSUMPTION (no synth baseline): 2 DSP + 200 LUT + 300 FF "
                                        "per expert + pipelined divider"}
 
-    units["controller_axi"] = {**CONTROLLER, "source": "ASSUMPTION: AXI master/lite, decode, muxes"}
+    top = load_baseline("accel_edge_moe", baseline_dir)
+    if top is not None and "groups" in top:
+        # the synthesised top's controller (decode, buffer multiplexers of G*vb-bit words),
+        # load/store engines and AXI interfaces; the multiplexers scale with the word width
+        g = top["groups"]
+        th, tq = _baseline_hw(top), _baseline_q(top)
+        ref_w = th.t_in * max(tq.act.bits, tq.gate_logit.bits)
+        w = hw.t_in * max(q.act.bits, q.gate_logit.bits)
+        ctl = {k: sum(g[x][k] for x in ("controller", "load_store", "axi")) for k in KEYS}
+        ctl["lut"] = round(g["controller"]["lut"] * w / ref_w + g["load_store"]["lut"] + g["axi"]["lut"])
+        units["controller_axi"] = {**ctl, "source": f"synthesised top (synth_accel_edge_moe.json: "
+                                                    f"controller + load/store + AXI), mux LUT x {w / ref_w:.3g}"}
+    else:
+        units["controller_axi"] = {**CONTROLLER, "source": "ASSUMPTION: AXI master/lite, decode, muxes"}
     plan = buffer_plan(cfg, q, hw)
-    units["buffers"] = {"lut": 0, "ff": 0, "dsp": 0, "bram36": plan.bram36,
-                        "source": "quant.compiler.buffer_plan"}
+    # the top has X, H, W (and L, Q); S/SM of the plan live inside the attention engine (its own
+    # Q/K/V memories, counted there)
+    units["buffers"] = {"lut": 0, "ff": 0, "dsp": 0,
+                        "bram36": sum(b.bram36 for b in plan.buffers if b.name not in ("S", "SM")),
+                        "source": "quant.compiler.buffer_plan: X, H, W, L, Q"}
     return units
 
 

@@ -213,3 +213,19 @@ def test_synth_accel_tiny_resource_baseline(tmp_path):
     assert g["buffers"]["bram36"] >= 1
     assert res["utilisation_pct"]["dsp"] < 100
     check_synth_baseline("accel_tiny", res)
+
+
+def test_resource_model_matches_synthesised_top():
+    """sim/resources.py (used by the sweep and the power model) against the real synthesis of
+    the whole edge-moe top (tests/baselines/synth_accel_edge_moe.json): within 10 % per resource."""
+    import json
+    from pathlib import Path
+    from hw.config import get_hw_preset
+    from model.config import get_preset
+    from quant.config import get_quant_preset
+    from sim.resources import estimate_resources
+    syn = json.loads((Path(__file__).parent / "baselines" / "synth_accel_edge_moe.json").read_text())
+    est = estimate_resources(get_preset("edge-moe"), get_quant_preset("edge-moe-fixed"),
+                             get_hw_preset("zcu102-16x16"))["total"]
+    for k in ("lut", "ff", "dsp", "bram36"):
+        assert abs(est[k] - syn[k]) <= 0.10 * syn[k], (k, est[k], syn[k])
