@@ -306,6 +306,13 @@ def result_dict(parsed: dict, cfg, qcfg, hwcfg, target: str, script: str, second
     return res
 
 
+def fit_problems(res: dict) -> list[str]:
+    """One line per resource over the part budget (empty: the design fits)."""
+    b, u = res["budget"], res["utilisation_pct"]
+    return [f"{k.upper()} {res[k]} > {b[k]} ({u[k]:.1f}% of {b['name']})"
+            for k in ("lut", "ff", "dsp", "bram36", "bram") if k in u and u[k] > 100.0]
+
+
 def format_result(res: dict) -> str:
     """Totals against the budget, per group, and beside the sim/resources.py estimate."""
     keys = [k for k in ("lut", "ff", "dsp", "bram36", "bram") if k in res]

@@ -28,7 +28,7 @@ def run_top(args) -> int:
     from pathlib import Path
 
     from hw.synth import SynthError
-    from hw.synth_accel import format_result, synth_accel
+    from hw.synth_accel import fit_problems, format_result, synth_accel
 
     from .cmd_verilog import resolve_configs
     if args.fmax:
@@ -54,6 +54,11 @@ def run_top(args) -> int:
         with open(path, "w") as fh:
             json.dump(res, fh, indent=1)
         print(f"wrote {path}")
+    over = fit_problems(res)
+    if over:
+        print(f"edgemoe synth: the design does NOT fit {res['budget']['name']}: " + "; ".join(over))
+        return 1
+    print(f"fits {res['budget']['name']}")
     return 0
 
 

@@ -229,3 +229,13 @@ def test_resource_model_matches_synthesised_top():
                              get_hw_preset("zcu102-16x16"))["total"]
     for k in ("lut", "ff", "dsp", "bram36"):
         assert abs(est[k] - syn[k]) <= 0.10 * syn[k], (k, est[k], syn[k])
+
+
+def test_fit_problems_name_the_resource():
+    from hw.synth_accel import fit_problems
+    res = {"lut": 100, "ff": 10, "dsp": 3000, "bram36": 5,
+           "budget": {"name": "xczu9eg", "lut": 274080, "ff": 548160, "dsp": 2520, "bram36": 912},
+           "utilisation_pct": {"lut": 0.04, "ff": 0.0, "dsp": 119.05, "bram36": 0.5}}
+    assert fit_problems(res) == ["DSP 3000 > 2520 (119.0% of xczu9eg)"]
+    res["dsp"], res["utilisation_pct"]["dsp"] = 2000, 79.4
+    assert fit_problems(res) == []
