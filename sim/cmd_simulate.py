@@ -14,7 +14,8 @@ def add_arguments(p):
                    help="as `edgemoe compile --weights` (default: checkpoints/tiny.pt for tiny, "
                         "synthetic otherwise)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image", help="input image file (default: a seeded random image)")
+    p.add_argument("--image", help="input image file (default: the shared Cityscapes image when "
+                                   "present, else a matplotlib sample photo)")
     p.add_argument("--latency", type=int, default=None, help="DRAM first-beat latency in cycles "
                                                              "(default: HWConfig.dram_latency_cycles)")
     p.add_argument("--beats-per-cycle", type=float, default=None,
@@ -61,13 +62,11 @@ def run(args) -> int:
         sd, desc = _weights(cfg, args)
     prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, sd))
     tasks = list(cfg.tasks) if args.task == "all" else args.task.split(",")
-    image = None
-    if args.image:
-        from model.images import load_image
-        x, _ = load_image(cfg, args.image)
-        image = x[0].numpy()
+    from model.images import load_image
+    x, img_desc = load_image(cfg, args.image)     # default: the shared Cityscapes image, else a photo
+    image = x[0].numpy()
     print(f"{cfg.name} / {q.name} / {hw.name}: {len(prog.instrs)} instructions, memory image "
-          f"{prog.image_bytes:,} B, weights: {desc}")
+          f"{prog.image_bytes:,} B, weights: {desc}; image: {img_desc}")
     rep = simulate(prog, tasks, image, args.out, args.latency, args.beats_per_cycle, args.simulator,
                    intermediates=args.intermediates)
     ok = True

@@ -138,3 +138,18 @@ def test_accel_edge_moe_full(tmp_path):
     assert r["bit_exact"], r["first_mismatch"]
     assert abs(r["model_error"]) < 0.05
     assert r["ms"] <= 17.0           # the issue's target: half of Edge-MoE's 34.64 ms
+
+
+def test_simulate_cli_tiny(tmp_path, capsys):
+    """`edgemoe simulate --preset tiny`: trained checkpoint, one task, bit-exact, JSON + PNG."""
+    import json
+    from sim.cli import main
+    out = tmp_path / "sim"
+    assert main(["simulate", "--preset", "tiny", "--act-buffer-tokens", "16", "--task", "depth",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "BIT-EXACT" in text and "cycle model" in text and "expert_fc2" in text
+    rep = json.loads((out / "simulate.json").read_text())
+    r = rep["tasks"]["depth"]
+    assert r["bit_exact"] and r["cycles"] > 0 and abs(r["model_error"]) < 0.05
+    assert (out / "simulate.png").stat().st_size > 5000
