@@ -145,13 +145,15 @@ class Accelerator(wiring.Component):
         sat, retired = Signal(32), Signal(32)
         counters64 = {REG_CYCLES: cycles, REG_RBYTES: rbytes, REG_WBYTES: wbytes}
         hi_latch = Signal(32)
-        start_req = Signal()
+        start_req = Signal()     # START written; taken once the AXI master is idle (the beats of
+                                 # a transfer aborted by an error drain first)
         m.d.comb += [self.irq.eq(done | error), self.busy.eq(busy)]
 
         with m.If(axil.wr_en):
             with m.Switch(axil.wr_addr):
                 with m.Case(REG_CTRL):
-                    m.d.comb += start_req.eq(axil.wr_data[0] & ~busy)
+                    with m.If(axil.wr_data[0] & ~busy):
+                        m.d.sync += [start_req.eq(1), done.eq(0), error.eq(0)]
                 with m.Case(REG_TASK):
                     m.d.sync += task.eq(axil.wr_data)
                 for i, a in enumerate(REG_BASES):
@@ -164,7 +166,7 @@ class Accelerator(wiring.Component):
         with m.If(axil.rd_en):
             with m.Switch(axil.rd_addr):
                 regs = {REG_ID: ACCEL_ID, REG_VERSION: ISA_VERSION << 16 | REGMAP_VERSION,
-                        REG_STATUS: Cat(busy, done, error), REG_ERROR_CODE: err_code,
+                        REG_STATUS: Cat(busy | start_req, done, error), REG_ERROR_CODE: err_code,
                         REG_ERROR_PC: err_pc, REG_TASK: task, REG_HASH: config_hash(q, hw),
                         REG_SAT: sat, REG_INSTR: retired}
                 for i, a in enumerate(REG_BASES):
@@ -419,11 +421,11 @@ class Accelerator(wiring.Component):
 
         with m.FSM(name="ctrl"):
             with m.State("IDLE"):
-                with m.If(start_req):
+                with m.If(start_req & axim.rd_idle & axim.wr_idle):
                     m.d.comb += soft_rst.eq(1)
                     m.d.sync += [busy.eq(1), done.eq(0), error.eq(0), err_code.eq(0), err_pc.eq(0),
                                  pc.eq(0), cycles.eq(0), rbytes.eq(0), wbytes.eq(0), sat.eq(0),
-                                 retired.eq(0), in_loop.eq(0), gate_ok.eq(0)]
+                                 retired.eq(0), in_loop.eq(0), gate_ok.eq(0), start_req.eq(0)]
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + pc * INSTR_BYTES),

@@ -84,6 +84,9 @@ def test_accel_errors_match_interpreter(tmp_path):
          ERR_LOOP),                                                                # GATHER outside a loop
         (pc_of["blocks.1.mlp.expert_fc2"], _patched_words(prog, pc_of["blocks.1.mlp.expert_fc2"], op=int(Op.END),
          flags=0, dst=0, src=0, index=0, addr=0, stride=0, k=0, n=0), ERR_LOOP),   # END in a loop body
+        # weights outside the memory: the DRAM answers SLVERR mid-stream; the next START waits
+        # until the aborted transfer has drained
+        (pc_of["blocks.0.proj"], _patched_words(prog, pc_of["blocks.0.proj"], addr=0x0F00_0000), ERR_ADDRESS),
     ]
     rng = np.random.default_rng(1)
     image = rng.normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
