@@ -26,7 +26,8 @@ def add_arguments(p):
                    help="use this Dask scheduler instead of a local cluster")
     p.add_argument("--workers", type=int, default=2, help="local cluster workers (threads)")
     p.add_argument("--synth", action="store_true",
-                   help="synthesise the registered units for the Pareto points (slow)")
+                   help="synthesise the compute unit, attention engine, LayerNorm and gate for the "
+                        "Pareto points (slow)")
     p.add_argument("--synth-timeout", type=float, default=900, help="seconds per unit synthesis")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/sweep.json and DIR/pareto.png")
 

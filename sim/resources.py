@@ -228,6 +228,10 @@ def estimate_resources(cfg, qcfg, hwcfg, baseline_dir=None, measured: dict | Non
         units[name] = {**{k: m[k] for k in KEYS}, "source": f"synthesised ({m.get('flow', 'yosys')})"}
     if "mac_array" in (measured or {}):      # the synthesised compute unit holds its epilogue
         units["epilogue"] = {**{k: 0 for k in KEYS}, "source": "inside the synthesised compute unit"}
+    if "attention_qk" in (measured or {}):   # the synthesised attention engine holds its softmax
+        for u in ("softmax_stats", "softmax_norm"):
+            if u in units and u not in measured:
+                units[u] = {**{k: 0 for k in KEYS}, "source": "inside the synthesised attention engine"}
     total = {k: sum(u[k] for u in units.values()) for k in KEYS}
     part = hwcfg.part_budget
     budget = {"lut": part.lut, "ff": part.ff, "dsp": part.dsp, "bram36": part.bram36}

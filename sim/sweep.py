@@ -7,9 +7,10 @@ this process) by default, or an existing scheduler (address). The Pareto front m
 (latency ms, DSP48E2, J/image) over the points that fit the part (every resource <= the part's
 budget and the program's buffers fit): a point is on the front when no other fitting point is
 at least as good in all three and better in one. The best design is the fitting point with the
-lowest latency (ties: lower J/image, then fewer DSP). With synth=True the units registered in
-hw.units are synthesised (yosys synth_xilinx) for the front's points and replace their
-estimates (slow: minutes per point).
+lowest latency (ties: lower J/image, then fewer DSP). With synth=True the big units of
+SYNTH_UNITS (compute unit, attention engine, LayerNorm, gate) are synthesised (yosys
+synth_xilinx) for the front's points and replace their estimates (slow: minutes per point;
+`edgemoe synth --top` synthesises one whole design).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import time
 
 OBJECTIVES = ("ms", "dsp", "j_per_image")
 # hw.units registry name -> sim.resources unit it measures
-SYNTH_UNITS = {"compute": "mac_array", "softmax": "softmax_stats", "softmax_norm": "softmax_norm",
-               "layernorm": "layernorm", "gate": "gate"}
+# registered unit -> resource-model entry it replaces when synthesised (--synth); the attention
+# engine holds its SoftmaxStats / SoftmaxNorm (sim.resources zeroes those entries then)
+SYNTH_UNITS = {"compute": "mac_array", "attention": "attention_qk", "layernorm": "layernorm", "gate": "gate"}
 # what hw/accel.py can build: square tiles (t_in = t_out = lanes), a 256-bit AXI port
 DEFAULT_GRID = {"tiles": ["8x8", "16x16", "32x32"], "attn_p": [2, 4, 8],
                 "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256]}

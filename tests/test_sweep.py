@@ -110,3 +110,20 @@ def test_synth_results_replace_estimates(monkeypatch):
         assert p["resources_measured"] == ["softmax_stats"] and p["synth"]["softmax_stats"]["lut"] == 11
         assert p["lut"] == 11 + sum(u["lut"] for n, u in est(p)["units"].items() if n != "softmax_stats")
     assert "synthesised" in res["synth"] and "some units synthesised" in res["label"]
+
+
+def test_synthesised_attention_engine_replaces_its_softmax_parts():
+    """--synth synthesises the whole attention engine (hw/attention.py): its result stands for
+    attention_qk and the SoftmaxStats / SoftmaxNorm entries inside it drop to 0 (no double count)."""
+    from model.config import get_preset
+    from quant.config import get_quant_preset
+    from hw.config import get_hw_preset
+    from sim.resources import estimate_resources
+    assert sw.SYNTH_UNITS["attention"] == "attention_qk" and "softmax" not in sw.SYNTH_UNITS
+    cfg, q, hw = get_preset("tiny"), get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
+    base = estimate_resources(cfg, q, hw)
+    meas = {"lut": 30442, "ff": 17144, "dsp": 396, "bram36": 0}
+    r = estimate_resources(cfg, q, hw, measured={"attention_qk": meas})
+    assert r["units"]["softmax_stats"]["dsp"] == r["units"]["softmax_norm"]["lut"] == 0
+    rest = [u for u in base["units"] if u not in ("attention_qk", "softmax_stats", "softmax_norm")]
+    assert r["total"]["dsp"] == 396 + sum(base["units"][u]["dsp"] for u in rest)
