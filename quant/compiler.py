@@ -315,7 +315,7 @@ def compile_program(cfg, qcfg: QuantConfig, hwcfg, weights, check: bool = True) 
     B = hwcfg.axi_data_bits // 8
     syms, wbytes = plan_weights(cfg, qcfg, hwcfg)
     wreg = np.zeros(wbytes, dtype=np.uint8)
-    D, T, P = cfg.dim, cfg.num_tokens, cfg.num_patches
+    D, T = cfg.dim, cfg.num_tokens
     Cpp = cfg.in_chans * cfg.patch * cfg.patch
 
     def put(sym: Symbol, data: np.ndarray, item: int = 0):
