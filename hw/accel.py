@@ -53,6 +53,8 @@ from quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGAL, ERR_L
                            FIELDS, INSTR_BYTES, ISA_VERSION, LOAD_ADD, USED, Buf, Flag, Op,
                            _RESERVED, config_hash)
 
+from sim import driver as drv
+
 from .accel_plan import accel_plan
 from .axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature
 from .config import HWConfig, HWConfigError
@@ -60,10 +62,8 @@ from .config import HWConfig, HWConfigError
 MAX_INSTRUCTIONS = 1 << 20
 BUFS = ("X", "H", "W", "L")
 # register map (sim/driver.py)
-REG_ID, REG_VERSION, REG_CTRL, REG_STATUS, REG_ERROR_CODE, REG_ERROR_PC, REG_TASK, REG_HASH = range(0, 0x20, 4)
-REG_BASES = (0x20, 0x28, 0x30, 0x38)     # program, weights, image, output (LO; HI at +4)
-REG_CYCLES, REG_RBYTES, REG_WBYTES, REG_SAT, REG_INSTR = 0x40, 0x48, 0x50, 0x58, 0x5C
-ACCEL_ID, REGMAP_VERSION = 0x454D4F45, 1
+# the register map is sim/driver.py's (one definition for the host driver and the hardware)
+REG_BASES = (drv.PROGRAM_BASE, drv.WEIGHTS_BASE, drv.IMAGE_BASE, drv.OUTPUT_BASE)   # LO; HI at +4
 
 
 def _field(words, name):
@@ -83,13 +83,18 @@ def _unused_masks() -> dict[Op, list[int]]:
     return out
 
 
+def check_buildable(cfg, qcfg: QuantConfig, hwcfg: HWConfig):
+    """The AccelPlan of this top, or HWConfigError naming what the generator cannot build."""
+    if hwcfg.axi_data_bits != 8 * INSTR_BYTES:
+        raise HWConfigError(f"HWConfig '{hwcfg.name}': the controller fetches one instruction "
+                            f"per beat: axi_data_bits must be {8 * INSTR_BYTES}, got {hwcfg.axi_data_bits}")
+    return accel_plan(cfg, qcfg, hwcfg)
+
+
 class Accelerator(wiring.Component):
     def __init__(self, cfg, qcfg: QuantConfig, hwcfg: HWConfig):
         self.cfg, self.qcfg, self.hwcfg = cfg, qcfg, hwcfg
-        if hwcfg.axi_data_bits != 8 * INSTR_BYTES:
-            raise HWConfigError(f"HWConfig '{hwcfg.name}': the controller fetches one instruction "
-                                f"per beat: axi_data_bits must be {8 * INSTR_BYTES}, got {hwcfg.axi_data_bits}")
-        self.plan = accel_plan(cfg, qcfg, hwcfg)
+        self.plan = check_buildable(cfg, qcfg, hwcfg)
         self.moe = bool(cfg.moe_blocks)
         super().__init__({
             "m_axi": Out(axi4_signature(hwcfg.axi_addr_bits, hwcfg.axi_data_bits)),
@@ -143,7 +148,7 @@ class Accelerator(wiring.Component):
         bases = [Signal(64, name=f"base{i}") for i in range(4)]
         cycles, rbytes, wbytes = Signal(64), Signal(64), Signal(64)
         sat, retired = Signal(32), Signal(32)
-        counters64 = {REG_CYCLES: cycles, REG_RBYTES: rbytes, REG_WBYTES: wbytes}
+        counters64 = {drv.CYCLE_COUNT: cycles, drv.DRAM_BYTES_READ: rbytes, drv.DRAM_BYTES_WRITTEN: wbytes}
         hi_latch = Signal(32)
         start_req = Signal()     # START written; taken once the AXI master is idle (the beats of
                                  # a transfer aborted by an error drain first)
@@ -151,10 +156,10 @@ class Accelerator(wiring.Component):
 
         with m.If(axil.wr_en):
             with m.Switch(axil.wr_addr):
-                with m.Case(REG_CTRL):
+                with m.Case(drv.CTRL):
                     with m.If(axil.wr_data[0] & ~busy):
                         m.d.sync += [start_req.eq(1), done.eq(0), error.eq(0)]
-                with m.Case(REG_TASK):
+                with m.Case(drv.TASK_ID):
                     m.d.sync += task.eq(axil.wr_data)
                 for i, a in enumerate(REG_BASES):
                     with m.Case(a):
@@ -165,10 +170,10 @@ class Accelerator(wiring.Component):
         m.d.comb += axil.rd_data.eq(rd_val)
         with m.If(axil.rd_en):
             with m.Switch(axil.rd_addr):
-                regs = {REG_ID: ACCEL_ID, REG_VERSION: ISA_VERSION << 16 | REGMAP_VERSION,
-                        REG_STATUS: Cat(busy | start_req, done, error), REG_ERROR_CODE: err_code,
-                        REG_ERROR_PC: err_pc, REG_TASK: task, REG_HASH: config_hash(q, hw),
-                        REG_SAT: sat, REG_INSTR: retired}
+                regs = {drv.ID: drv.ACCEL_ID, drv.VERSION: ISA_VERSION << 16 | drv.REGMAP_VERSION,
+                        drv.STATUS: Cat(busy | start_req, done, error), drv.ERROR_CODE: err_code,
+                        drv.ERROR_PC: err_pc, drv.TASK_ID: task, drv.CONFIG_HASH: config_hash(q, hw),
+                        drv.SAT_COUNT: sat, drv.INSTR_COUNT: retired}
                 for i, a in enumerate(REG_BASES):
                     regs[a], regs[a + 4] = bases[i][:32], bases[i][32:]
                 for a, v in regs.items():

@@ -509,6 +509,9 @@ def load_checkpoint(path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
 # ----------------------------------------------------------------------------------------------
 # One entry point for all sources, and a ready model
 
+HEAD_FIELDS = ("task_channels", "head_channels")     # ModelConfig fields only the task heads use
+
+
 def load_backbone(cfg: ModelConfig, source, kind: str, fill_missing: str | None = None,
                   seed: int = 0, **kw) -> LoadedCheckpoint:
     if kind == "timm":
@@ -519,11 +522,12 @@ def load_backbone(cfg: ModelConfig, source, kind: str, fill_missing: str | None 
         return import_edge_moe_bins(cfg, source, fill_missing, seed, **kw)
     if kind == "edgemoe-ckpt":
         ck_cfg, sd, meta = load_checkpoint(source)
-        if ck_cfg != cfg:
-            diff = [f.name for f in dataclasses.fields(cfg)
-                    if getattr(cfg, f.name) != getattr(ck_cfg, f.name)]
+        # a backbone load: the heads' fields may differ (e.g. a tiny model trained on 7 classes)
+        diff = [f.name for f in dataclasses.fields(cfg) if f.name not in HEAD_FIELDS
+                and getattr(cfg, f.name) != getattr(ck_cfg, f.name)]
+        if diff:
             raise CheckpointError(f"{source}: saved for a different model config "
-                                  f"(fields differ: {diff})")
+                                  f"(backbone fields differ: {diff})")
         return LoadedCheckpoint(dict(sd), list(meta.get("filled", [])), str(source), [])
     raise ValueError(f"unknown checkpoint kind {kind!r}; choose one of {KINDS}")
 

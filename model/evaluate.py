@@ -266,9 +266,7 @@ def rtl_backend(cfg: ModelConfig, state_dict: dict, quant: str, hw: str, images)
     h = get_hw_preset(hw)
     if h.act_buffer_tokens > cfg.num_tokens:     # smaller buffers: a faster build, same results
         h = h.replace(act_buffer_tokens=max(16, 1 << (cfg.num_tokens - 1).bit_length()))
-    backbone = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in state_dict.items()
-                if not k.startswith("heads.")}
-    prog = compile_program(cfg, q, h, quantize_weights(cfg, q, backbone))
+    prog = compile_program(cfg, q, h, quantize_weights(cfg, q, state_dict))   # heads dropped there
     res = rtl_features(prog, images)
     nxt = {t: 0 for t in range(len(cfg.tasks))}
 

@@ -59,6 +59,11 @@ def bram36(port_bits: int, depth: int) -> int:
     return min(-(-port_bits // w) * -(-depth // d) for w, d in BRAM36_SHAPES)
 
 
+def memory_bram36(port_bits: int, depth: int) -> int:
+    """bram36(), except that shallow memories go to LUTRAM / registers (0 block RAM)."""
+    return 0 if depth <= DISTRIBUTED_MAX_DEPTH else bram36(port_bits, depth)
+
+
 @dataclass(frozen=True)
 class BufferSpec:
     name: str
@@ -83,7 +88,7 @@ class BufferSpec:
 
     @property
     def bram36(self) -> int:
-        return 0 if self.distributed else bram36(self.lanes * self.bits, self.depth)
+        return memory_bram36(self.lanes * self.bits, self.depth)
 
 
 @dataclass(frozen=True)

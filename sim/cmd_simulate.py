@@ -44,26 +44,29 @@ def run(args) -> int:
     from sim.cmd_compile import _weights
     from sim.rtl_sim import format_table, simulate
 
-    cfg = get_preset(args.preset)
-    q = get_quant_preset(args.quant)
-    hw = get_hw_preset(args.hw or ("small-8x8" if args.preset == "tiny" else "zcu102-16x16"))
-    if args.act_buffer_tokens:
-        hw = hw.replace(act_buffer_tokens=args.act_buffer_tokens)
-    args.weights = args.weights or default_weights(args.preset)
-    if args.weights[0] == "ckpt" and len(args.weights) == 2:
-        from model.checkpoint import load_checkpoint
-        ck_cfg, sd, _ = load_checkpoint(args.weights[1])
-        if ck_cfg.name != cfg.name:
-            raise SystemExit(f"edgemoe simulate: {args.weights[1]} holds model '{ck_cfg.name}', "
-                             f"not --preset {cfg.name}")
-        cfg, desc = ck_cfg, f"checkpoint {args.weights[1]}"     # its heads' channels
-        sd = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in sd.items()}
-    else:
-        sd, desc = _weights(cfg, args)
-    prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, sd))
-    tasks = list(cfg.tasks) if args.task == "all" else args.task.split(",")
+    from hw.accel import check_buildable
     from model.images import load_image
-    x, img_desc = load_image(cfg, args.image)     # default: the shared Cityscapes image, else a photo
+    try:
+        if args.latency is not None and args.latency < 0:
+            raise ValueError(f"--latency {args.latency} must be >= 0 cycles")
+        if args.beats_per_cycle is not None and not 0 < args.beats_per_cycle <= 1:
+            raise ValueError(f"--beats-per-cycle {args.beats_per_cycle} must be in (0, 1]")
+        cfg = get_preset(args.preset)
+        q = get_quant_preset(args.quant)
+        hw = get_hw_preset(args.hw or ("small-8x8" if args.preset == "tiny" else "zcu102-16x16"))
+        if args.act_buffer_tokens:
+            hw = hw.replace(act_buffer_tokens=args.act_buffer_tokens)
+        tasks = list(cfg.tasks) if args.task == "all" else args.task.split(",")
+        for t in tasks:
+            cfg.task_index(t)
+        check_buildable(cfg, q, hw)                   # before the slow parts
+        args.weights = args.weights or default_weights(args.preset)
+        sd, desc = _weights(cfg, args)
+        prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, sd))
+        x, img_desc = load_image(cfg, args.image)     # default: the shared Cityscapes image, else a photo
+    except (ValueError, KeyError, FileNotFoundError) as e:   # config / fit / checkpoint / image errors
+        print(f"edgemoe simulate: error: {e}")
+        return 2
     image = x[0].numpy()
     print(f"{cfg.name} / {q.name} / {hw.name}: {len(prog.instrs)} instructions, memory image "
           f"{prog.image_bytes:,} B, weights: {desc}; image: {img_desc}")

@@ -139,7 +139,6 @@ def rtl_stage(ckpt: str, out: Path) -> dict:
     hw = get_hw_preset("small-8x8").replace(act_buffer_tokens=16)   # tiny: 9 tokens
     if Path(ckpt).exists():
         cfg, sd, _ = load_checkpoint(ckpt)
-        sd = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in sd.items()}
         desc = f"trained checkpoint {ckpt}"
     else:
         cfg = get_preset("tiny")

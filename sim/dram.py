@@ -33,6 +33,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from quant.interpreter import FlatMemory
+
 OKAY, SLVERR = 0, 2
 BURST_INCR = 1
 
@@ -108,7 +110,8 @@ class AxiDram:
             raise ValueError(f"AxiDram: max_outstanding {max_outstanding} and write_resp_cycles "
                              f"{write_resp_cycles} must be >= 1")
         self.base, self.size = int(base), int(size)
-        self.mem = np.zeros(self.size, dtype=np.uint8)
+        self.host = FlatMemory(self.size, self.base)     # the executor's byte memory, bounds-checked
+        self.mem = self.host.data
         self._buf = memoryview(self.mem)
         self.latency_cycles, self.max_outstanding = latency_cycles, max_outstanding
         self.write_resp_cycles, self.strict = write_resp_cycles, strict
@@ -134,22 +137,11 @@ class AxiDram:
         return cls(dut, prefix, clock, **kw)
 
     # --- host side (no simulation time) ------------------------------------------------------
-    def _off(self, addr: int, n: int) -> int:
-        o = int(addr) - self.base
-        if o < 0 or n < 0 or o + n > self.size:
-            raise ValueError(f"AxiDram host access [{addr:#x}, {addr + n:#x}) outside memory "
-                             f"[{self.base:#x}, {self.base + self.size:#x})")
-        return o
-
     def write(self, addr: int, data) -> None:
-        b = np.asarray(data, dtype=np.uint8).reshape(-1) if isinstance(data, np.ndarray) \
-            else np.frombuffer(bytes(data), dtype=np.uint8)
-        o = self._off(addr, b.size)
-        self.mem[o:o + b.size] = b
+        self.host.write(addr, data)
 
     def read(self, addr: int, n: int) -> np.ndarray:
-        o = self._off(addr, n)
-        return self.mem[o:o + n].copy()
+        return self.host.read(addr, n)
 
     # --- statistics ----------------------------------------------------------------------------
     _STATS = ("bytes_read", "bytes_written", "read_bursts", "write_bursts", "read_beats",

@@ -85,8 +85,6 @@ class PerfAssumptions:
                                     # latency and beat (hw/accel.py: FETCH, the AXI master's AR
                                     # register, the R beat, DECODE, ISSUE, the done cycle)
     prefetch: bool = False          # True: fetch hidden behind the previous instruction
-    qk_cycles_per_key: int = 1      # cycles per K block of the QK^T stream (1: W buffer banked
-                                    # so one K block of head_dim values is one read)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -228,27 +226,6 @@ def unit_latencies(cfg, qcfg, hwcfg) -> dict:
         gate = probe(Gate(qcfg, hwcfg, cfg))
         out.update(gate=gate.LATENCY, gate_read=gate.READ_LATENCY)
     return out
-
-
-def attention_head(cfg, qcfg, hwcfg, assume: PerfAssumptions) -> dict:
-    """One head: {"qk": {...}, "av": {...}} cycle splits (see module docstring)."""
-    from quant.schedule import attention_cycles
-    n, dh = cfg.num_tokens, cfg.head_dim
-    lat = unit_latencies(cfg, qcfg, hwcfg)
-    qk = attention_cycles(n, hwcfg.attn_p, 1) * assume.qk_cycles_per_key
-    g = _geometry(qcfg, hwcfg)
-    lay = g.layout
-    port = max(hwcfg.t_in, hwcfg.t_out)
-    row_cycles = -(-hwcfg.t_in // hwcfg.lanes)
-    sch = linear_schedule(n, lay.chunks(n), lay.tiles(dh), -(-hwcfg.t_in * hwcfg.t_out // port), 0,
-                          row_cycles, g.mac_stages, epi_cycles(g, False))
-    av_cycles = sch.cycles + lat["softmax_norm"]
-    return {"qk": {"cycles": qk + lat["softmax_stats"], "compute": qk, "dram_wait": 0,
-                   "overhead": lat["softmax_stats"], "macs": n * n * dh,
-                   "peak": hwcfg.attn_p * dh},
-            "av": {"cycles": av_cycles, "compute": sch.compute_cycles, "dram_wait": 0,
-                   "overhead": av_cycles - sch.compute_cycles, "macs": n * n * dh,
-                   "peak": hwcfg.t_in * hwcfg.t_out}}
 
 
 def attention_op_cycles(cfg, qcfg, hwcfg) -> dict:

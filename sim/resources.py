@@ -96,10 +96,8 @@ def _scaled(b: dict, lane_f: float, width_f: float, what: str, fixed: dict | Non
 
 
 def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
-    from quant.compiler import DISTRIBUTED_MAX_DEPTH, bram36, buffer_plan
-
-    def bram(port_bits, depth):        # shallow memories become LUTRAM (as Yosys maps them)
-        return 0 if depth <= DISTRIBUTED_MAX_DEPTH else bram36(port_bits, depth)
+    from quant.compiler import buffer_plan
+    from quant.compiler import memory_bram36 as bram   # shallow memories: LUTRAM, as Yosys maps them
     from quant.linear import tile_layout
     q, hw = qcfg, hwcfg
     Ti, To = hw.t_in, hw.t_out

@@ -161,7 +161,6 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
         if th:
             th.join()
     wall = time.perf_counter() - t0
-    macs_array = None
     report = {"model": cfg.name, "quant": q.name, "hw": hw.name, "hwcfg": hw.to_dict(),
               "clock_mhz": hw.clock_mhz, "simulator": simulator, "build_s": res.get("build_s"),
               "sim_s": res.get("sim_s"), "wall_s": wall, "tasks": {}}
@@ -170,7 +169,6 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
         model = inference_cycles(cfg, q, hw, routing_of(program, gold[t].stats), routing_source="golden")
         lin_macs = sum(x["macs"] for x in model["layers"] if x["peak_macs_per_cycle"] == hw.t_in * hw.t_out)
         bd = breakdown(program, r, model)
-        macs_array = lin_macs / (hw.t_in * hw.t_out * r["cycles"])
         rep = {k: r[k] for k in ("cycles", "dram_bytes_read", "dram_bytes_written", "sat_count",
                                  "instructions", "mismatches", "first_mismatch", "elements",
                                  "golden_sat", "golden_instructions", "golden_read", "golden_written",
@@ -178,7 +176,7 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
         rep.update(bit_exact=r["mismatches"] == 0, ms=r["cycles"] / (hw.clock_mhz * 1e3),
                    model_cycles=model["totals"]["cycles"],
                    model_error=(model["totals"]["cycles"] - r["cycles"]) / r["cycles"],
-                   mac_array_utilisation=macs_array, macs=model["totals"]["macs"],
+                   mac_array_utilisation=lin_macs / (hw.t_in * hw.t_out * r["cycles"]), macs=model["totals"]["macs"],
                    breakdown=bd, model_split={k: {c: d[c] for c in ("compute", "dram_wait", "overhead")}
                                               for k, d in model["by_type"].items()},
                    dram=r.get("dram", {}), intermediates=r.get("taps", []))

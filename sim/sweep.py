@@ -66,19 +66,9 @@ def point_hw(pt: dict):
                         lanes=pt["t_in"], dram_gbps=pt["dram_gbps"], axi_data_bits=pt["axi_data_bits"])
 
 
-def check_buildable(cfg, q, hw) -> None:
-    """Raise (HWConfigError) when hw/accel.py cannot generate this point's accelerator top."""
-    from hw.accel_plan import accel_plan
-    from hw.config import HWConfigError
-    from quant.program import INSTR_BYTES
-    if hw.axi_data_bits != 8 * INSTR_BYTES:
-        raise HWConfigError(f"the accelerator top fetches one instruction per beat: axi_data_bits "
-                            f"must be {8 * INSTR_BYTES}, got {hw.axi_data_bits}")
-    accel_plan(cfg, q, hw)
-
-
 def evaluate_point(pt: dict, preset: str, routing=None, measured: dict | None = None) -> dict:
     """Cycles, resources and energy of one point; an unbuildable point gets 'error'."""
+    from hw.accel import check_buildable
     from model.config import get_preset
     from quant.config import get_quant_preset
 
@@ -89,7 +79,7 @@ def evaluate_point(pt: dict, preset: str, routing=None, measured: dict | None = 
     t0 = time.perf_counter()
     try:
         cfg, q, hw = get_preset(preset), get_quant_preset(pt["quant"]), point_hw(pt)
-        check_buildable(cfg, q, hw)
+        check_buildable(cfg, q, hw)        # what hw/accel.py can generate
         perf = inference_cycles(cfg, q, hw, routing)
         res = estimate_resources(cfg, q, hw, measured=measured)
         e = power_from(res, perf, hw.clock_mhz)

@@ -156,3 +156,17 @@ def test_simulate_cli_tiny(tmp_path, capsys):
     r = rep["tasks"]["depth"]
     assert r["bit_exact"] and r["cycles"] > 0 and abs(r["model_error"]) < 0.05
     assert (out / "simulate.png").stat().st_size > 5000
+
+
+def test_simulate_cli_bad_inputs(capsys):
+    """Bad configs fail before any build with the reason named (no simulation runs)."""
+    from sim.cli import main
+    cases = [(["--task", "normals"], "unknown task 'normals'"),
+             (["--act-buffer-tokens", "4"], "act_buffer_tokens"),
+             (["--beats-per-cycle", "1.5"], "--beats-per-cycle 1.5 must be in (0, 1]"),
+             (["--hw", "zcu102-16x16", "--quant", "w8a16", "--weights", "synthetic",
+               "--act-buffer-tokens", "16", "--latency", "-1"], "--latency -1 must be >= 0")]
+    for extra, msg in cases:
+        assert main(["simulate", "--preset", "tiny", *extra]) == 2, extra
+        out = capsys.readouterr().out
+        assert "edgemoe simulate: error:" in out and msg in out, (extra, out)

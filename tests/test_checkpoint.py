@@ -343,3 +343,17 @@ def test_load_model_integration(tmp_path):
     again = load_model(TINY, tmp_path, "edge-moe-bin", fill_missing="random", seed=0).state_dict()
     for k in model.random_heads:
         assert torch.equal(again[k], got[k]), k
+
+
+def test_project_checkpoint_backbone_ignores_head_fields():
+    """The shipped tiny checkpoint (heads trained on 7 classes) loads as a tiny backbone; a
+    checkpoint whose backbone differs is refused naming the field."""
+    import dataclasses
+    from model.checkpoint import CheckpointError, load_backbone
+    ck = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"
+    cfg = get_preset("tiny")
+    assert cfg.task_channels != (7, 1)
+    got = load_backbone(cfg, ck, "edgemoe-ckpt")
+    assert "blocks.0.attn.qkv.weight" in got.state_dict
+    with pytest.raises(CheckpointError, match=r"backbone fields differ: \['mlp_hidden'\]"):
+        load_backbone(dataclasses.replace(cfg, mlp_hidden=128), ck, "edgemoe-ckpt")
