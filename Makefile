@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sim.demo --out $(OUT)/demo
+	$(PY) -m edgemoe.sim.demo --out $(OUT)/demo
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -43,10 +43,10 @@ test-slow: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 sim-full: $(STAMP)
-	$(PY) -m sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --out $(OUT)/sim-full
+	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --out $(OUT)/sim-full
 
 bench: $(STAMP)
-	$(PY) -m sim.bench
+	$(PY) -m edgemoe.sim.bench
 
 clean:
 	rm -rf $(OUT) sim_build build .pytest_cache

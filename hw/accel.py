@@ -46,14 +46,14 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.compiler import _ln_sizes
-from quant.config import QuantConfig
-from quant.linear import tile_layout
-from quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY,
+from edgemoe.quant.compiler import _ln_sizes
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.linear import tile_layout
+from edgemoe.quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY,
                            FIELDS, INSTR_BYTES, ISA_VERSION, LOAD_ADD, USED, Buf, Flag, Op,
                            _RESERVED, config_hash)
 
-from sim import driver as drv
+from edgemoe.sim import driver as drv
 
 from .accel_plan import accel_plan
 from .axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature

@@ -30,9 +30,9 @@ from amaranth.hdl import unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.compiler import buffer_plan
-from quant.config import QuantConfig
-from quant.program import container_bytes
+from edgemoe.quant.compiler import buffer_plan
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.program import container_bytes
 
 from .config import HWConfig, HWConfigError
 

@@ -89,8 +89,8 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
 
 from .config import HWConfig
 from .requant import popcount
@@ -99,7 +99,7 @@ from .softmax_norm import SoftmaxNorm
 
 
 def requant_signed(x, shift: int, dst: Fmt, rounding: Rounding, overflow: Overflow):
-    """quant.fixed.requantize of a signed Value by a right shift >= 1: (code, over), both
+    """edgemoe.quant.fixed.requantize of a signed Value by a right shift >= 1: (code, over), both
     expressions; over = the rounded value left dst's range (counted under SAT and WRAP alike,
     as quant.fixed.Fmt.fit counts)."""
     if shift < 1:

@@ -58,8 +58,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.fixed import Overflow, Rounding
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import Overflow, Rounding
 
 from .accel_plan import accel_plan, buf_read_signature, buf_write_signature
 from .attention import AttentionEngine

@@ -85,9 +85,9 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.fixed import FormatError, Overflow, Rounding
-from quant.linear import TileLayout, tile_layout
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import FormatError, Overflow, Rounding
+from edgemoe.quant.linear import TileLayout, tile_layout
 
 from .config import HWConfig
 from .requant import Requant, popcount

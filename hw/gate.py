@@ -3,7 +3,7 @@
 Golden model: quant.approx.gate_fixed (per-token probabilities and top-k) and
 quant.schedule.scatter_order / build_expert_queues / active_experts (queue and read order).
 Widths come from quant.approx.exp2_params / exp_sum_fmt via gate_plan() below; the exp2 ROM
-from quant.approx.exp2_frac_table. Testbench: sim/tb_gate.py, tests/test_gate_rtl.py.
+from edgemoe.quant.approx.exp2_frac_table. Testbench: sim/tb_gate.py, tests/test_gate_rtl.py.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.approx import exp2_frac_table, exp2_params, exp_sum_fmt
-from quant.config import QuantConfig
-from quant.fixed import FormatError, Overflow, Rounding
+from edgemoe.quant.approx import exp2_frac_table, exp2_params, exp_sum_fmt
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import FormatError, Overflow, Rounding
 
 from .config import HWConfig
 from .pipeline import PipelineControl

@@ -36,7 +36,7 @@ from amaranth.hdl import Module, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
+from edgemoe.quant.config import QuantConfig
 
 from .accel_plan import AccelPlan, accel_plan, buf_read_signature, queue_write_signature
 from .config import HWConfig, HWConfigError

@@ -49,9 +49,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from quant.approx import GeluParams, gelu_params, gelu_table
-from quant.config import QuantConfig
-from quant.fixed import Overflow, Rounding, shift_round
+from edgemoe.quant.approx import GeluParams, gelu_params, gelu_table
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import Overflow, Rounding, shift_round
 
 from .config import HWConfig
 from .pipeline import PipelineControl

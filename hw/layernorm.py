@@ -35,9 +35,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant import approx
-from quant.config import QuantConfig
-from quant.fixed import FormatError, Overflow, Rounding
+from edgemoe.quant import approx
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import FormatError, Overflow, Rounding
 
 from .config import HWConfig, HWConfigError
 from .pipeline import PipelineControl

@@ -47,8 +47,8 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.program import container_bytes
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.program import container_bytes
 
 from .accel_plan import accel_plan, buf_read_signature, buf_write_signature
 from .config import HWConfig, HWConfigError

@@ -48,8 +48,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.program import Flag
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.program import Flag
 
 from .accel_plan import (accel_plan, buf_read_signature, buf_write_signature,
                          queue_read_signature)

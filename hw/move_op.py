@@ -22,7 +22,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
+from edgemoe.quant.config import QuantConfig
 
 from .accel_plan import AccelPlan, buf_read_signature, buf_write_signature
 from .compute import fit_signed

@@ -31,9 +31,9 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.epilogue import requant_plan
-from quant.fixed import FormatError, Overflow, Rounding
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.epilogue import requant_plan
+from edgemoe.quant.fixed import FormatError, Overflow, Rounding
 
 from .config import HWConfig
 from .pipeline import PipelineControl

@@ -90,9 +90,9 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.approx import Exp2Params, exp2_frac_table, exp2_params, exp_sum_fmt, rshift_round
-from quant.config import QuantConfig
-from quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.quant.approx import Exp2Params, exp2_frac_table, exp2_params, exp_sum_fmt, rshift_round
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
 
 from .config import HWConfig
 from .pipeline import PipelineControl

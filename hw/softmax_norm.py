@@ -47,8 +47,8 @@ from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.config import QuantConfig
-from quant.fixed import FormatError
+from edgemoe.quant.config import QuantConfig
+from edgemoe.quant.fixed import FormatError
 
 from .config import HWConfig
 from .pipeline import PipelineControl

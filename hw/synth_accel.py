@@ -244,7 +244,7 @@ def utilisation(total: dict, budget: dict) -> dict:
 
 def estimate_by_group(cfg, qcfg, hwcfg) -> dict:
     """sim/resources.py's analytic estimate, per unit and summed into this module's groups."""
-    from sim.resources import KEYS, estimate_resources
+    from edgemoe.sim.resources import KEYS, estimate_resources
     est = estimate_resources(cfg, qcfg, hwcfg)
     groups: dict[str, dict] = {}
     for u, d in est["units"].items():

@@ -15,7 +15,7 @@ def _lazy(module: str, attr: str, with_model: bool):
     import importlib
 
     def target():
-        obj = importlib.import_module(f"hw.{module}")
+        obj = importlib.import_module(f"edgemoe.hw.{module}")
         for part in attr.split("."):       # e.g. "SoftmaxStats.from_model"
             obj = getattr(obj, part)
         return obj

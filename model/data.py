@@ -40,7 +40,7 @@ on the resolution, so one seed gives the same scene at 32x64, 128x256 or 480x640
 grain and noise come from a resolution-dependent stream.
 
 API: make_scene, make_batch, SceneDataset (torch), split_seeds, save_preview, bench_data.
-`python -m model.data --bench` / `--preview out.png` run the last two.
+`python -m edgemoe.model.data --bench` / `--preview out.png` run the last two.
 """
 from __future__ import annotations
 

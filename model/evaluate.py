@@ -153,8 +153,8 @@ def codes_backend(per_image: Callable, act_fmt) -> Backend:
 
 def golden_backend(cfg: ModelConfig, state_dict: dict, qcfg, attn_p: int = 4) -> Backend:
     """The bit-exact golden model (quant/golden.py): integer backbone, features dequantised."""
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
 
     backbone = {k: v for k, v in state_dict.items() if not k.startswith("heads.")}
     qw = quantize_weights(cfg, qcfg, backbone)
@@ -257,11 +257,11 @@ def rtl_backend(cfg: ModelConfig, state_dict: dict, quant: str, hw: str, images)
     """(c) the RTL accelerator (hw/accel.py under cocotb + Verilator): all `images` through every
     task in one simulation first (sim.rtl_sim.rtl_features), then a backend that hands out those
     features in order. The RTL exposes no routing (the queues are on chip): no routing stats."""
-    from hw.config import get_hw_preset
-    from quant.compiler import compile_program
-    from quant.config import get_quant_preset
-    from quant.qweights import quantize_weights
-    from sim.rtl_sim import rtl_features
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.quant.compiler import compile_program
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import rtl_features
     q = get_quant_preset(quant)
     h = get_hw_preset(hw)
     if h.act_buffer_tokens > cfg.num_tokens:     # smaller buffers: a faster build, same results
@@ -291,13 +291,13 @@ def evaluate_checkpoint(path, quant: tuple[str, ...] = ("edge-moe-fixed",), n: i
         raise ValueError(f"{path}: semseg head has {cfg.task_channels} channels, the data has "
                          f"{NUM_CLASSES} classes; train with model.train.training_config")
     if rtl:
-        from hw.config import get_hw_preset
+        from edgemoe.hw.config import get_hw_preset
         attn_p = get_hw_preset(rtl_hw).attn_p       # (b) must use the hardware's key order
     data = load_split(cfg, n, "test", base_seed)
     backends = {"float": float_backend(model)}
     qcfgs = {}
     if quant:
-        from quant.config import get_quant_preset
+        from edgemoe.quant.config import get_quant_preset
         for q in quant:
             qcfgs[q] = get_quant_preset(q)
             backends[q] = golden_backend(cfg, sd, qcfgs[q], attn_p)

@@ -28,7 +28,7 @@ Recipe (what `edgemoe train` does; `RECIPES` holds the defaults per preset):
 Shipped checkpoint (checkpoints/tiny.pt, 1.7 MB), trained with:
     edgemoe train --preset tiny --steps 3500 --batch 32 --lr 2e-3 --seed 0 --threads 1 \
         --out checkpoints/tiny.pt
-(python -m sim.cli train ... is the same without the installed entry point.) Measured on the
+(python -m edgemoe.sim.cli train ... is the same without the installed entry point.) Measured on the
 2-core workplace machine: data 16384 scenes in ~35 s, one step ~100 ms with 1 thread, ~75 ms with
 2 threads on idle cores, so an estimated 5-6.5 min in all. The shipped run shared the cores with other jobs (load
 average ~7) and took 23 min wall. With 2 threads on busy cores a step was up to 10x slower (OpenMP
@@ -303,7 +303,7 @@ def train_and_save(preset: str, out, recipe: Recipe, seed: int = 0, threads: int
     model, hist = train(cfg, recipe, seed=seed, progress=progress)
     summ = summarise(hist)
     meta = {
-        "trainer": "model.train", "preset": preset, "seed": seed, "recipe": asdict(recipe),
+        "trainer": "edgemoe.model.train", "preset": preset, "seed": seed, "recipe": asdict(recipe),
         "steps": recipe.steps, "losses": summ["final"], "loss_curve_every_100": summ["curve_every_100"],
         "data_time_s": round(hist["data_time_s"], 2), "train_time_s": round(hist["train_time_s"], 2),
         "threads": torch.get_num_threads(), "torch": str(torch.__version__),

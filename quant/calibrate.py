@@ -500,9 +500,9 @@ def calibration_images(cfg, synthetic: int = 2):
     -> (list of float32 [C, H, W] arrays in [0, 1], list of descriptions)."""
     from matplotlib import cbook
 
-    from model.checkpoint import default_edge_moe_dir
-    from model.data import make_scene
-    from model.images import load_image
+    from edgemoe.model.checkpoint import default_edge_moe_dir
+    from edgemoe.model.data import make_scene
+    from edgemoe.model.images import load_image
 
     imgs, desc = [], []
     if (default_edge_moe_dir() / "image.float32.bin").exists():

@@ -522,7 +522,7 @@ def synthetic_state_dict(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded float64 backbone tensors in numpy (fast, unlike building M3ViT): ViT-like scales,
     but non-zero biases and LayerNorm betas and gammas != 1, so every parameter's layout in the
     memory image changes the result."""
-    from model.checkpoint import expected_backbone_shapes
+    from edgemoe.model.checkpoint import expected_backbone_shapes
     rng = np.random.default_rng(seed)
     sd = {}
     for k, shape in expected_backbone_shapes(cfg).items():

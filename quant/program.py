@@ -571,7 +571,7 @@ def _model_to_dict(cfg) -> dict:
 
 
 def _model_from_dict(d: dict):
-    from model.config import ModelConfig
+    from edgemoe.model.config import ModelConfig
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
@@ -582,7 +582,7 @@ def _model_from_dict(d: dict):
 
 def load_program(path) -> Program:
     """Read a directory written by Program.save; verifies version, size, hash and program words."""
-    from hw.config import HWConfig
+    from edgemoe.hw.config import HWConfig
     path = Path(path)
     meta_p, img_p = path / "program.json", path / "image.bin"
     for p in (meta_p, img_p):

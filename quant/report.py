@@ -48,8 +48,8 @@ def load_weights(cfg, kind: str, seed: int = 0, folder=None) -> Weights:
     values. Fails clearly if the folder is absent."""
     import torch
 
-    from model.checkpoint import default_edge_moe_dir, load_backbone
-    from model.m3vit import M3ViT
+    from edgemoe.model.checkpoint import default_edge_moe_dir, load_backbone
+    from edgemoe.model.m3vit import M3ViT
 
     if kind == "auto":
         # trained weights by default: the real Edge-MoE weights for the edge-moe preset when the

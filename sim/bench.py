@@ -15,11 +15,11 @@ from pathlib import Path
 def bench_golden(preset: str = "edge-moe", reps: int = 3) -> dict:
     """Golden fixed-point forward, seconds per image (target: < 5 s for edge-moe)."""
     import numpy as np
-    from model.config import get_preset
-    from model.m3vit import M3ViT
-    from quant.config import QUANT_PRESETS
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.m3vit import M3ViT
+    from edgemoe.quant.config import QUANT_PRESETS
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
 
     cfg = get_preset(preset)
     sd = M3ViT(cfg, seed=0).state_dict()
@@ -39,8 +39,8 @@ def bench_golden(preset: str = "edge-moe", reps: int = 3) -> dict:
 
 def bench_approx() -> dict:
     """Approximator errors against float64 on dense grids."""
-    from quant.approx import approx_error_table
-    from quant.config import QUANT_PRESETS
+    from edgemoe.quant.approx import approx_error_table
+    from edgemoe.quant.config import QUANT_PRESETS
     out = {}
     for qname, q in QUANT_PRESETS.items():
         t = approx_error_table(q)
@@ -52,7 +52,7 @@ def bench_approx() -> dict:
 
 def bench_cpu_baseline(preset: str = "edge-moe") -> dict:
     """Float backbone on this CPU (batch 1 and 8)."""
-    from sim.cmd_bench import format_result, measure
+    from edgemoe.sim.cmd_bench import format_result, measure
     out = {}
     for b in (1, 8):
         r = measure(preset, "cpu", "fp32", b, iters=20)
@@ -66,17 +66,17 @@ def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json
     cycles (RTL vs cycle model) and utilisation = useful MACs / (lanes x measured cycles) of the
     unit that runs it (MAC array T_in*T_out; attention engine P*head_dim). Reuses the JSON of
     `make sim-full` when present (it takes ~10 min to build and simulate), else runs one task."""
-    from hw.config import get_hw_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.quant.config import get_quant_preset
     path = Path(reuse)
     if preset == "edge-moe" and path.exists():
         rep = json.loads(path.read_text())
         src = f"{path} (make sim-full)"
     else:
-        from model.config import get_preset
-        from quant.compiler import compile_program, synthetic_state_dict
-        from quant.qweights import quantize_weights
-        from sim.rtl_sim import simulate
+        from edgemoe.model.config import get_preset
+        from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+        from edgemoe.quant.qweights import quantize_weights
+        from edgemoe.sim.rtl_sim import simulate
         cfg, q = get_preset(preset), get_quant_preset("edge-moe-fixed")
         hw = get_hw_preset("zcu102-16x16" if preset != "tiny" else "small-8x8")
         prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, synthetic_state_dict(cfg)))
@@ -98,7 +98,7 @@ def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json
 
 def bench_data() -> dict:
     """Synthetic scene generation speed at 128x256."""
-    from model.data import bench_data as bd
+    from edgemoe.model.data import bench_data as bd
     return {"samples_per_minute_128x256": bd()}
 
 

@@ -8,19 +8,19 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "profile": ("sim.cmd_profile", "per-layer MACs, parameters, bytes and expert routing"),
-    "bench": ("sim.cmd_bench", "CPU/GPU baseline: latency, throughput, energy where measurable"),
-    "train": ("sim.cmd_train", "multi-task training on the synthetic scenes -> checkpoint"),
-    "eval": ("sim.cmd_eval", "test-split mIoU / depth RMSE: float model vs. golden fixed point"),
-    "verilog": ("sim.cmd_verilog", "write one hardware unit as Verilog and RTLIL"),
-    "synth": ("sim.cmd_synth", "Yosys resources of one unit (--fmax: ECP5 Fmax) or of the whole accelerator (--top)"),
-    "calibrate": ("sim.cmd_calibrate", "choose per-tensor-class fixed-point formats from float ranges"),
-    "quant-report": ("sim.cmd_quant_report", "golden vs float fidelity per layer (SQNR, cosine, routing) + PNG"),
-    "simulate": ("sim.cmd_simulate", "whole-inference RTL simulation of the accelerator (cocotb + Verilator), bit-exact check, cycles"),
-    "compile": ("sim.cmd_compile", "compile a model to the accelerator's program + memory image"),
-    "energy": ("sim.cmd_energy", "accelerator latency/energy estimate vs CPU (measured), GPU (bench JSON), Edge-MoE"),
-    "sweep": ("sim.cmd_sweep", "design-space sweep (tiles, P, quant, bandwidth) via Dask -> Pareto front"),
-    "report": ("sim.cmd_report", "one folder: latency/energy/resources/fidelity/Pareto PNGs + JSON + report.md"),
+    "profile": ("edgemoe.sim.cmd_profile", "per-layer MACs, parameters, bytes and expert routing"),
+    "bench": ("edgemoe.sim.cmd_bench", "CPU/GPU baseline: latency, throughput, energy where measurable"),
+    "train": ("edgemoe.sim.cmd_train", "multi-task training on the synthetic scenes -> checkpoint"),
+    "eval": ("edgemoe.sim.cmd_eval", "test-split mIoU / depth RMSE: float model vs. golden fixed point"),
+    "verilog": ("edgemoe.sim.cmd_verilog", "write one hardware unit as Verilog and RTLIL"),
+    "synth": ("edgemoe.sim.cmd_synth", "Yosys resources of one unit (--fmax: ECP5 Fmax) or of the whole accelerator (--top)"),
+    "calibrate": ("edgemoe.sim.cmd_calibrate", "choose per-tensor-class fixed-point formats from float ranges"),
+    "quant-report": ("edgemoe.sim.cmd_quant_report", "golden vs float fidelity per layer (SQNR, cosine, routing) + PNG"),
+    "simulate": ("edgemoe.sim.cmd_simulate", "whole-inference RTL simulation of the accelerator (cocotb + Verilator), bit-exact check, cycles"),
+    "compile": ("edgemoe.sim.cmd_compile", "compile a model to the accelerator's program + memory image"),
+    "energy": ("edgemoe.sim.cmd_energy", "accelerator latency/energy estimate vs CPU (measured), GPU (bench JSON), Edge-MoE"),
+    "sweep": ("edgemoe.sim.cmd_sweep", "design-space sweep (tiles, P, quant, bandwidth) via Dask -> Pareto front"),
+    "report": ("edgemoe.sim.cmd_report", "one folder: latency/energy/resources/fidelity/Pareto PNGs + JSON + report.md"),
 }
 
 

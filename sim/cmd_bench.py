@@ -92,8 +92,8 @@ def build_forward(model, x, task, device, cuda_graph):
 def measure(preset="edge-moe", device="cpu", dtype="fp32", batch=1, task=None, cuda_graph=False,
             threads=None, warmup=5, iters=30, energy_seconds=2.0, seed=0) -> dict:
     import torch
-    from model.config import get_preset
-    from model.m3vit import M3ViT
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.m3vit import M3ViT
 
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")

@@ -25,10 +25,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from model.config import get_preset
-    from quant.calibrate import calibrate, calibration_images, format_report, preset_literal
-    from quant.config import QUANT_PRESETS, get_quant_preset
-    from quant.report import WEIGHT_KINDS, load_weights
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.calibrate import calibrate, calibration_images, format_report, preset_literal
+    from edgemoe.quant.config import QUANT_PRESETS, get_quant_preset
+    from edgemoe.quant.report import WEIGHT_KINDS, load_weights
 
     cfg = get_preset(args.preset)
     base = get_quant_preset(args.base)

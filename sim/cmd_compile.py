@@ -17,24 +17,24 @@ def add_arguments(p):
 def _weights(cfg, args):
     kind, rest = args.weights[0], args.weights[1:]
     if kind == "synthetic" and not rest:
-        from quant.compiler import synthetic_state_dict
+        from edgemoe.quant.compiler import synthetic_state_dict
         return synthetic_state_dict(cfg, args.seed), f"synthetic (seed {args.seed})"
     if kind in ("seeded", "edge-moe-bin") and len(rest) <= (kind == "edge-moe-bin"):
-        from quant.report import load_weights
+        from edgemoe.quant.report import load_weights
         w = load_weights(cfg, kind, args.seed, rest[0] if rest else None)
         return w.state_dict, w.banner
     if kind == "ckpt" and len(rest) == 1:
-        from model.checkpoint import load_backbone
+        from edgemoe.model.checkpoint import load_backbone
         return load_backbone(cfg, rest[0], "edgemoe-ckpt").state_dict, f"checkpoint {rest[0]}"
     raise SystemExit(f"edgemoe compile: --weights {' '.join(args.weights)!r}: use seeded | synthetic | "
                      "edge-moe-bin [DIR] | ckpt PATH")
 
 
 def run(args) -> int:
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.compiler import FitError, check_fit, compile_program
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.compiler import FitError, check_fit, compile_program
+    from edgemoe.quant.config import get_quant_preset
 
     cfg, qcfg, hwcfg = get_preset(args.preset), get_quant_preset(args.quant), get_hw_preset(args.hw)
     rep = check_fit(cfg, qcfg, hwcfg, raise_error=False)

@@ -197,9 +197,9 @@ def format_table(comp: dict) -> str:
 
 
 def run(args) -> int:
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
     try:
         cfg, q, hw = get_preset(args.preset), get_quant_preset(args.quant), get_hw_preset(args.hw)
         comp = comparison(cfg, q, hw, args.task, args.routing, args.rtl_json, args.gpu_json,

@@ -22,7 +22,7 @@ def run(args) -> int:
 
     import torch
 
-    from model.evaluate import evaluate_checkpoint, format_report
+    from edgemoe.model.evaluate import evaluate_checkpoint, format_report
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,11 +35,11 @@ def _task(cfg, task):
 def _routing(cfg, task, args):
     try:
         import torch
-        from model.m3vit import M3ViT
+        from edgemoe.model.m3vit import M3ViT
     except ImportError as e:
         raise SystemExit(f"edgemoe profile --routing needs the float network model.m3vit.M3ViT: {e}")
-    from model.images import load_image
-    from model.profile import routing_profile
+    from edgemoe.model.images import load_image
+    from edgemoe.model.profile import routing_profile
 
     x, desc = load_image(cfg, args.image)
     model = M3ViT(cfg, seed=args.seed).eval()
@@ -49,8 +49,8 @@ def _routing(cfg, task, args):
 
 
 def run(args) -> int:
-    from model.config import get_preset
-    from model.profile import layer_table, summary
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.profile import layer_table, summary
 
     cfg = get_preset(args.preset)
     task = _task(cfg, args.task)

@@ -22,10 +22,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from model.config import get_preset
-    from model.images import load_image
-    from quant.config import get_quant_preset
-    from quant.report import format_summary, load_weights, plot_report, quant_report
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.images import load_image
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.report import format_summary, load_weights, plot_report, quant_report
 
     cfg = get_preset(args.preset)
     qcfgs = [get_quant_preset(n.strip()) for n in args.quant.split(",") if n.strip()]

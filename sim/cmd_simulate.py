@@ -22,7 +22,7 @@ def add_arguments(p):
                    help="DRAM bandwidth in AXI beats per cycle (default from HWConfig.dram_gbps)")
     p.add_argument("--intermediates", action="store_true",
                    help="also compare every intermediate tensor (a STORE after each layer: "
-                        "quant.compiler.debug_program; the cycles then include those STOREs)")
+                        "edgemoe.quant.compiler.debug_program; the cycles then include those STOREs)")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
     p.add_argument("--out", default="out/simulate", help="output folder (JSON, PNG, program)")
 
@@ -36,16 +36,16 @@ def default_weights(preset: str) -> list[str]:
 
 
 def run(args) -> int:
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.compiler import compile_program
-    from quant.config import get_quant_preset
-    from quant.qweights import quantize_weights
-    from sim.cmd_compile import _weights
-    from sim.rtl_sim import format_table, simulate
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.compiler import compile_program
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.cmd_compile import _weights
+    from edgemoe.sim.rtl_sim import format_table, simulate
 
-    from hw.accel import check_buildable
-    from model.images import load_image
+    from edgemoe.hw.accel import check_buildable
+    from edgemoe.model.images import load_image
     try:
         if args.latency is not None and args.latency < 0:
             raise ValueError(f"--latency {args.latency} must be >= 0 cycles")

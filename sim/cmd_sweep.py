@@ -33,9 +33,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
 
     from .perf_model import golden_routing
     from .sweep import SweepError, format_sweep, plot_sweep, run_sweep

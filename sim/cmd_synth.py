@@ -27,8 +27,8 @@ def add_arguments(parser) -> None:
 def run_top(args) -> int:
     from pathlib import Path
 
-    from hw.synth import SynthError
-    from hw.synth_accel import fit_problems, format_result, synth_accel
+    from edgemoe.hw.synth import SynthError
+    from edgemoe.hw.synth_accel import fit_problems, format_result, synth_accel
 
     from .cmd_verilog import resolve_configs
     if args.fmax:
@@ -75,9 +75,9 @@ def run(args) -> int:
         print("edgemoe synth: error: --target / --out / --act-buffer-tokens go with --top")
         return 2
     args.timeout = args.timeout or 600
-    from hw.export import module_name, to_rtlil
-    from hw.synth import synth_ecp5_fmax, synth_xilinx
-    from hw.units import build_unit
+    from edgemoe.hw.export import module_name, to_rtlil
+    from edgemoe.hw.synth import synth_ecp5_fmax, synth_xilinx
+    from edgemoe.hw.units import build_unit
 
     from .cmd_verilog import resolve_configs
     top = module_name(args.unit)

@@ -22,8 +22,8 @@ def run(args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from model.config import PRESETS
-    from model.train import RECIPES, train_and_save
+    from edgemoe.model.config import PRESETS
+    from edgemoe.model.train import RECIPES, train_and_save
 
     if args.preset not in RECIPES:
         raise SystemExit(f"edgemoe train: --preset {args.preset!r} has no training recipe; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def add_common_unit_arguments(parser, unit_required: bool = True) -> None:
     """--unit / --preset / --quant / --hw, shared with `edgemoe synth`."""
-    from hw.units import UNITS
+    from edgemoe.hw.units import UNITS
     parser.add_argument("--unit", required=unit_required, choices=sorted(UNITS), help="hardware unit")
     parser.add_argument("--preset", default="tiny", help="model preset (model.config PRESETS)")
     parser.add_argument("--quant", default="edge-moe-fixed", help="quant preset (quant.config)")
@@ -14,9 +14,9 @@ def add_common_unit_arguments(parser, unit_required: bool = True) -> None:
 def resolve_configs(args):
     """(ModelConfig, QuantConfig, HWConfig) named by the arguments; unknown names raise with the
     list of known ones."""
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
     return get_preset(args.preset), get_quant_preset(args.quant), get_hw_preset(args.hw)
 
 
@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
-    from hw.export import module_name, write_unit
+    from edgemoe.hw.export import module_name, write_unit
     try:
         mcfg, qcfg, hwcfg = resolve_configs(args)
         paths = write_unit(args.unit, qcfg, hwcfg, args.out, mcfg)

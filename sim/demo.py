@@ -63,9 +63,9 @@ def float_outputs(cfg, model, x, out: Path, desc: str) -> dict:
 def golden_stage(cfg, model, x) -> dict:
     import numpy as np
     import torch
-    from quant.config import get_quant_preset
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
 
     q = get_quant_preset("edge-moe-fixed")
     gm = GoldenModel(cfg, q, quantize_weights(cfg, q, model.state_dict()))
@@ -88,14 +88,14 @@ def golden_stage(cfg, model, x) -> dict:
 
 def accelerator_stage(cfg, model, x) -> dict:
     import numpy as np
-    from hw.config import get_hw_preset
-    from quant.compiler import compile_program
-    from quant.config import get_quant_preset
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
-    from sim.driver import PythonBackend
-    from sim.energy import energy_estimate
-    from sim.perf_model import inference_cycles
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.quant.compiler import compile_program
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.driver import PythonBackend
+    from edgemoe.sim.energy import energy_estimate
+    from edgemoe.sim.perf_model import inference_cycles
 
     q, hw = get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
     qw = quantize_weights(cfg, q, model.state_dict())
@@ -128,13 +128,13 @@ def accelerator_stage(cfg, model, x) -> dict:
 def rtl_stage(ckpt: str, out: Path) -> dict:
     """The tiny preset (trained checkpoint when present) through the RTL accelerator top under
     cocotb + Verilator, both tasks, bit-exact against the golden model."""
-    from hw.config import get_hw_preset
-    from model.checkpoint import load_checkpoint
-    from model.config import get_preset
-    from quant.compiler import compile_program, synthetic_state_dict
-    from quant.config import get_quant_preset
-    from quant.qweights import quantize_weights
-    from sim.rtl_sim import format_table, simulate
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.checkpoint import load_checkpoint
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import format_table, simulate
     q = get_quant_preset("edge-moe-fixed")
     hw = get_hw_preset("small-8x8").replace(act_buffer_tokens=16)   # tiny: 9 tokens
     if Path(ckpt).exists():
@@ -143,7 +143,7 @@ def rtl_stage(ckpt: str, out: Path) -> dict:
     else:
         cfg = get_preset("tiny")
         sd, desc = synthetic_state_dict(cfg), "synthetic weights"
-    from model.data import make_batch, split_seeds
+    from edgemoe.model.data import make_batch, split_seeds
     img = make_batch(split_seeds("test", 1), cfg.img_h, cfg.img_w)[0][0]     # a test-split scene
     prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, sd))
     print(f"tiny / {q.name} / {hw.name} ({desc}): {len(prog.instrs)} instructions")
@@ -162,7 +162,7 @@ def rtl_stage(ckpt: str, out: Path) -> dict:
 
 
 def trained_stage(ckpt: str, n: int) -> dict:
-    from model.evaluate import evaluate_checkpoint, format_report
+    from edgemoe.model.evaluate import evaluate_checkpoint, format_report
     if not Path(ckpt).exists():
         print(f"no checkpoint at {ckpt}: skipped")
         return {"skipped": f"no checkpoint at {ckpt}"}
@@ -187,10 +187,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from model.config import get_preset
-    from model.images import load_image
-    from model.profile import routing_profile, summary
-    from sim.cmd_bench import format_result, measure
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.images import load_image
+    from edgemoe.model.profile import routing_profile, summary
+    from edgemoe.sim.cmd_bench import format_result, measure
 
     t0 = time.time()
     out = Path(args.out)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     cfg = get_preset(args.preset)
     report = {"preset": cfg.name}
 
-    from quant.report import load_weights
+    from edgemoe.quant.report import load_weights
     w = load_weights(cfg, args.weights, args.seed)
     report["weights"] = w.banner
     _stage(f"1. float M3ViT '{cfg.name}' ({w.banner}), both tasks")
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         report["trained_tiny"] = trained_stage(args.ckpt, args.eval_n)
 
         _stage("8. report folder")
-        from sim.report import build_report
+        from edgemoe.sim.report import build_report
         build_report(cfg.name, out / "report", quants=("edge-moe-fixed", "w8a16"), cpu_iters=5)
         print(f"wrote {out / 'report'}/report.md")
 

@@ -33,7 +33,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from quant.interpreter import FlatMemory
+from edgemoe.quant.interpreter import FlatMemory
 
 OKAY, SLVERR = 0, 2
 BURST_INCR = 1
@@ -505,5 +505,5 @@ class CocotbAccelBackend:
             await ClockCycles(self.clk, n)
 
     def driver(self, **kw):
-        from sim.driver import AsyncAcceleratorDriver
+        from edgemoe.sim.driver import AsyncAcceleratorDriver
         return AsyncAcceleratorDriver(self.mmio, self.mem, sleep=self.sleep, **kw)

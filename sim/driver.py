@@ -49,8 +49,8 @@ from typing import Protocol
 
 import numpy as np
 
-from quant.fixed import SatCounter
-from quant.program import (ERROR_NAMES, ISA_VERSION, REGION_ALIGN, Program, ProgramError, align,
+from edgemoe.quant.fixed import SatCounter
+from edgemoe.quant.program import (ERROR_NAMES, ISA_VERSION, REGION_ALIGN, Program, ProgramError, align,
                            config_hash, container_bytes, decode_values, encode_values,
                            image_patch_codes, quantise_image)
 
@@ -329,7 +329,7 @@ class PythonMMIO:
         return self.regs[off] | self.regs[off + 4] << 32
 
     def _start(self):
-        from quant.interpreter import Registers
+        from edgemoe.quant.interpreter import Registers
         for off in (ERROR_CODE, ERROR_PC, SAT_COUNT, INSTR_COUNT, *self._WIDE):
             self.regs[off] = 0
         self.last_error = None
@@ -359,8 +359,8 @@ class PythonBackend:
 
     def __init__(self, cfg, qcfg, hwcfg, mem_bytes: int = 64 << 20, mem_base: int = 0x1000_0000,
                  busy_polls: int = 1):
-        from quant.compiler import buffer_plan
-        from quant.interpreter import FlatMemory
+        from edgemoe.quant.compiler import buffer_plan
+        from edgemoe.quant.interpreter import FlatMemory
         self.cfg, self.qcfg, self.hwcfg = cfg, qcfg, hwcfg
         self.plan = buffer_plan(cfg, qcfg, hwcfg)
         self.mem = FlatMemory(mem_bytes, mem_base)
@@ -372,7 +372,7 @@ class PythonBackend:
         return cls(program.cfg, program.qcfg, program.hwcfg, **kw)
 
     def machine(self):
-        from quant.interpreter import Machine
+        from edgemoe.quant.interpreter import Machine
         return Machine(self.qcfg, self.hwcfg, self.plan, self.mem)
 
     def driver(self, **kw) -> AcceleratorDriver:

@@ -153,9 +153,9 @@ def calibrate(coeffs: Coeffs = COEFFS) -> Calibration:
     key = coeffs
     if key in _CAL_CACHE:
         return _CAL_CACHE[key]
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
 
     from .perf_model import inference_cycles
     from .resources import estimate_resources

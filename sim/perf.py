@@ -34,13 +34,13 @@ class LinearTiming:
 
 
 def _mode(mode):
-    from quant.linear import get_mode
+    from edgemoe.quant.linear import get_mode
     return get_mode(mode)
 
 
 def linear_timing(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode="qkv") -> LinearTiming:
     """The compute unit's cycles for one layer (module docstring), with the breakdown."""
-    from hw.compute import compute_geometry
+    from edgemoe.hw.compute import compute_geometry
     md = _mode(mode)
     if rows < 1 or k_in < 1 or n_out < 1:
         raise ValueError(f"linear_cycles: rows {rows}, k_in {k_in}, n_out {n_out} must be >= 1")
@@ -118,9 +118,9 @@ def attention_cycles_engine(n: int, heads: int, head_dim: int, hwcfg, qcfg=None)
     and one cycle to switch passes; after the last head, the AV pipeline (3 + SoftmaxNorm.LATENCY),
     the output register and FIFO (head_dim does not change the count: one dot product per lane
     per cycle). qcfg (default edge-moe-fixed) sets SoftmaxStats' divider depth."""
-    from hw.softmax import recip_plan
-    from quant.config import get_quant_preset
-    from quant.schedule import attention_cycles
+    from edgemoe.hw.softmax import recip_plan
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.schedule import attention_cycles
     if head_dim < 1:
         raise ValueError(f"attention_cycles_engine: head_dim = {head_dim} must be >= 1")
     q = qcfg if qcfg is not None else get_quant_preset("edge-moe-fixed")

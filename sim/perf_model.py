@@ -116,7 +116,7 @@ def dram_transfer_cycles(nbytes: int, hwcfg) -> int:
 
 def fetch_cycles(hwcfg, assume: PerfAssumptions) -> tuple[int, int]:
     """(dram_wait, overhead) cycles of one instruction fetch + decode."""
-    from quant.program import INSTR_BYTES
+    from edgemoe.quant.program import INSTR_BYTES
     if assume.prefetch:
         return 0, assume.decode_cycles
     return dram_transfer_cycles(INSTR_BYTES, hwcfg), assume.decode_cycles
@@ -136,7 +136,7 @@ class Schedule:
 
 def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int, row_cycles: int,
                     mac_stages: int, epi_latency: int) -> Schedule:
-    """sim.perf.linear_timing's tile-by-tile schedule with a tile taking `tile_load` cycles to
+    """edgemoe.sim.perf.linear_timing's tile-by-tile schedule with a tile taking `tile_load` cycles to
     load (bias: `bias_load`, 0 without bias) and each row chunk `row_cycles` cycles. With
     tile_load = tile_beats, bias_load = bias_beats, row_cycles = 1 it gives sim.perf's cycles
     exactly (tests/test_perf_model.py checks it); used for r < 1 and for A.V."""
@@ -179,15 +179,15 @@ def epi_cycles(g, gelu: bool) -> int:
 
 @lru_cache(maxsize=None)
 def _geometry(qcfg, hwcfg):
-    from hw.compute import compute_geometry
+    from edgemoe.hw.compute import compute_geometry
     return compute_geometry(qcfg, hwcfg)
 
 
 def linear_layer(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode) -> dict:
     """Cycles of one LINEAR execution (without its fetch and first-beat latency), split."""
-    from quant.linear import get_mode
+    from edgemoe.quant.linear import get_mode
 
-    from sim.perf import linear_timing
+    from edgemoe.sim.perf import linear_timing
     md = get_mode(mode)
     g = _geometry(qcfg, hwcfg)
     lay = g.layout
@@ -211,10 +211,10 @@ def linear_layer(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode) -> dict:
 @lru_cache(maxsize=None)
 def unit_latencies(cfg, qcfg, hwcfg) -> dict:
     """Pipeline latencies of the element-wise units, taken from the hardware generators."""
-    from hw.gate import Gate
-    from hw.layernorm import LayerNorm
-    from hw.softmax import SoftmaxStats
-    from hw.softmax_norm import SoftmaxNorm
+    from edgemoe.hw.gate import Gate
+    from edgemoe.hw.layernorm import LayerNorm
+    from edgemoe.hw.softmax import SoftmaxStats
+    from edgemoe.hw.softmax_norm import SoftmaxNorm
     def probe(unit):
         unit._MustUse__silence = True       # built for its constants only, never elaborated
         return unit
@@ -233,10 +233,10 @@ def attention_op_cycles(cfg, qcfg, hwcfg) -> dict:
     every Q/K/V word once, one per cycle) + sim.perf.attention_cycles_engine (QK pass, stats,
     AV pass per head) + head_dim/G (the last row's words). Split: "qk" = LOAD + per head the QK
     pass and the statistics drain, "av" = the rest."""
-    from hw.softmax import recip_plan
-    from quant.schedule import attention_cycles
+    from edgemoe.hw.softmax import recip_plan
+    from edgemoe.quant.schedule import attention_cycles
 
-    from sim.perf import attention_cycles_engine
+    from edgemoe.sim.perf import attention_cycles_engine
     n, H, dh, D, G = cfg.num_tokens, cfg.heads, cfg.head_dim, cfg.dim, hwcfg.t_in
     load = 3 * n * (-(-D // G)) + 1
     eng = attention_cycles_engine(n, H, dh, hwcfg, qcfg)
@@ -262,10 +262,10 @@ def uniform_routing(cfg) -> dict:
 def golden_routing(cfg, qcfg, hwcfg, task=0, image=None, seed: int = 0) -> tuple[dict, str]:
     """Routing of the golden model on an image (default: model.images.load_image's) with the
     compiler's seeded synthetic weights. Returns (routing, description)."""
-    from model.images import load_image
-    from quant.compiler import synthetic_state_dict
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.model.images import load_image
+    from edgemoe.quant.compiler import synthetic_state_dict
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
     if image is None:
         x, desc = load_image(cfg)
         image = x[0].numpy()
@@ -280,7 +280,7 @@ def golden_routing(cfg, qcfg, hwcfg, task=0, image=None, seed: int = 0) -> tuple
 
 def expert_queues(cfg, routing) -> dict[int, list[tuple[int, int]]]:
     """{block: [(expert, queue length), ...] of the active experts in increasing id}."""
-    from quant.schedule import ScheduleError, build_expert_queues
+    from edgemoe.quant.schedule import ScheduleError, build_expert_queues
     out = {}
     for b in cfg.moe_blocks:
         if b not in routing:
@@ -307,8 +307,8 @@ def expert_queues(cfg, routing) -> dict[int, list[tuple[int, int]]]:
 def program_skeleton(cfg, qcfg, hwcfg):
     """The compiled program's instructions and symbols (compile_program without the weights:
     what dram_traffic needs); the memory image is empty."""
-    from quant.compiler import check_fit, emit_instructions, plan_regions, plan_weights
-    from quant.program import Program
+    from edgemoe.quant.compiler import check_fit, emit_instructions, plan_regions, plan_weights
+    from edgemoe.quant.program import Program
     check_fit(cfg, qcfg, hwcfg)
     syms, wbytes = plan_weights(cfg, qcfg, hwcfg)
     instrs, names = emit_instructions(cfg, syms)
@@ -325,7 +325,7 @@ def _linear_type(name: str) -> str:
 
 def _mode_of(ins):
     """The LinearMode of a LINEAR instruction's flags (the timing needs bias and gelu)."""
-    from quant.program import linear_mode
+    from edgemoe.quant.program import linear_mode
     return linear_mode(ins.flags)
 
 
@@ -340,8 +340,8 @@ def _block(name):
 def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumptions | None = None,
                      routing_source: str | None = None) -> dict:
     """Cycles, latency, MAC utilisation and DRAM bytes of one image (module docstring)."""
-    from quant.compiler import dram_traffic
-    from quant.program import Op
+    from edgemoe.quant.compiler import dram_traffic
+    from edgemoe.quant.program import Op
     assume = assumptions or PerfAssumptions()
     if routing is None:
         routing = uniform_routing(cfg)

@@ -148,9 +148,9 @@ def build_report(preset: str, out, quants=("edge-moe-fixed",), hw_name: str = "z
                  task=None, routing: str = "uniform", cpu: bool = True, cpu_iters: int = 20,
                  threads: int = 1, gpu_jsons=(), sweep_grid: dict | None = None,
                  quant_report: bool = True, workers: int = 2, scheduler: str | None = None) -> dict:
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
 
     from .cmd_energy import comparison
     from .perf_model import format_breakdown, golden_routing, inference_cycles
@@ -195,9 +195,9 @@ def build_report(preset: str, out, quants=("edge-moe-fixed",), hw_name: str = "z
     # 4. quantisation fidelity
     qrep = None
     if quant_report:
-        from model.images import load_image
-        from quant.report import load_weights, plot_report
-        from quant.report import quant_report as qr
+        from edgemoe.model.images import load_image
+        from edgemoe.quant.report import load_weights, plot_report
+        from edgemoe.quant.report import quant_report as qr
         x, desc = load_image(cfg)
         w = load_weights(cfg, "auto")
         qrep = qr(cfg, w, qcfgs, x[0].numpy(), desc, None, hw.attn_p)

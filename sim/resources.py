@@ -18,7 +18,7 @@ Per unit (every number labelled with its source in the result):
                  scaled by P.
   softmax_norm   tests/baselines/synth_softmax_norm.json scaled to P one-lane normalisers.
   layernorm      tests/baselines/synth_layernorm.json scaled when present; else DSP
-                 from hw.layernorm's plan (dsp_estimate) and LUT/FF = ASSUMPTION (6 LUT + 10 FF per
+                 from edgemoe.hw.layernorm's plan (dsp_estimate) and LUT/FF = ASSUMPTION (6 LUT + 10 FF per
                  datapath bit of a lane, + 3k LUT / 5k FF statistics).
   gate           tests/baselines/synth_gate.json scaled by experts when present; else ASSUMPTION: 2 DSP per expert
                  (exp2 interpolation, probability multiply), 200 LUT + 300 FF per expert plus the
@@ -51,7 +51,7 @@ def dsp_per_mult(a_bits: int, b_bits: int, is_signed: bool = True) -> int:
     """DSP48E2 count of one a x b multiplier (hw.layernorm.mul_plan's decomposition)."""
     from amaranth.hdl import signed, unsigned
 
-    from hw.layernorm import mul_plan
+    from edgemoe.hw.layernorm import mul_plan
     sh = signed if is_signed else unsigned
     return mul_plan(sh(a_bits), sh(b_bits)).dsp
 
@@ -68,17 +68,17 @@ def load_baseline(unit: str, baseline_dir=None) -> dict | None:
 
 
 def _baseline_hw(b: dict):
-    from hw.config import get_hw_preset
+    from edgemoe.hw.config import get_hw_preset
     return get_hw_preset((b.get("config") or {}).get("hw", "zcu102-16x16"))
 
 
 def _baseline_model(b: dict):
-    from model.config import get_preset
+    from edgemoe.model.config import get_preset
     return get_preset((b.get("config") or {}).get("model", "edge-moe"))
 
 
 def _baseline_q(b: dict):
-    from quant.config import get_quant_preset
+    from edgemoe.quant.config import get_quant_preset
     return get_quant_preset((b.get("config") or {}).get("quant", "edge-moe-fixed"))
 
 
@@ -96,9 +96,9 @@ def _scaled(b: dict, lane_f: float, width_f: float, what: str, fixed: dict | Non
 
 
 def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
-    from quant.compiler import buffer_plan
-    from quant.compiler import memory_bram36 as bram   # shallow memories: LUTRAM, as Yosys maps them
-    from quant.linear import tile_layout
+    from edgemoe.quant.compiler import buffer_plan
+    from edgemoe.quant.compiler import memory_bram36 as bram   # shallow memories: LUTRAM, as Yosys maps them
+    from edgemoe.quant.linear import tile_layout
     q, hw = qcfg, hwcfg
     Ti, To = hw.t_in, hw.t_out
     wb = tile_layout(q, hw).w_bits
@@ -172,7 +172,7 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
         units["layernorm"] = _scaled(b, hw.lanes / _baseline_hw(b).lanes,
                                      A / _baseline_q(b).act.bits, "lanes")
     else:
-        from hw.layernorm import layernorm_plan
+        from edgemoe.hw.layernorm import layernorm_plan
         plan = layernorm_plan(q, hw, cfg.dim, cfg.ln_eps)
         units["layernorm"] = {"dsp": plan.dsp_estimate, "lut": 6 * hw.lanes * A + 3000,
                               "ff": 10 * hw.lanes * A + 5000, "bram36": 0,
@@ -185,7 +185,7 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
             units["gate"] = _scaled(b, cfg.num_experts / _baseline_model(b).num_experts,
                                     q.gate_logit.bits / _baseline_q(b).gate_logit.bits, "experts")
         else:
-            from hw.gate import gate_plan
+            from edgemoe.hw.gate import gate_plan
             gp = gate_plan(q, cfg.num_experts, cfg.top_k, cfg.num_tokens)
             E = cfg.num_experts
             units["gate"] = {"dsp": 2 * E, "lut": 200 * E + gp.q_bits * (gp.s_bits + 1),
@@ -212,7 +212,7 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
     # Q/K/V memories, counted there)
     units["buffers"] = {"lut": 0, "ff": 0, "dsp": 0,
                         "bram36": sum(b.bram36 for b in plan.buffers if b.name not in ("S", "SM")),
-                        "source": "quant.compiler.buffer_plan: X, H, W, L, Q"}
+                        "source": "edgemoe.quant.compiler.buffer_plan: X, H, W, L, Q"}
     return units
 
 

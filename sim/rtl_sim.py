@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.perf_model import CYCLE_TYPES, _linear_type
+from edgemoe.sim.perf_model import CYCLE_TYPES, _linear_type
 
 
 def instr_type(name: str) -> str:
@@ -114,15 +114,15 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
     the seeded random image of sim/tb_accel.py). intermediates: run quant.compiler.debug_program
     instead (a STORE after every layer) and compare every stored intermediate tensor; its
     cycles include those STOREs."""
-    from hw.accel import Accelerator
-    from quant.interpreter import run_program
-    from sim.perf_model import inference_cycles
-    from sim.runner import run_cocotb
+    from edgemoe.hw.accel import Accelerator
+    from edgemoe.quant.interpreter import run_program
+    from edgemoe.sim.perf_model import inference_cycles
+    from edgemoe.sim.runner import run_cocotb
 
     cfg, q, hw = program.cfg, program.qcfg, program.hwcfg
     taps = []
     if intermediates:
-        from quant.compiler import debug_program
+        from edgemoe.quant.compiler import debug_program
         program, taps = debug_program(program, hw.t_in)
     tasks = [cfg.tasks[cfg.task_index(t)] for t in (tasks or cfg.tasks)]
     out = (Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-sim-"))).resolve()  # the simulator runs elsewhere
@@ -154,7 +154,7 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
         th.start()
     t0 = time.perf_counter()
     try:
-        res = run_cocotb(Accelerator(cfg, q, hw), "edgemoe_accel", "sim.tb_accel", simulator=simulator,
+        res = run_cocotb(Accelerator(cfg, q, hw), "edgemoe_accel", "edgemoe.sim.tb_accel", simulator=simulator,
                          tb_config=conf, timeout_s=timeout_s)
     finally:
         stop.set()
@@ -190,8 +190,8 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
 def rtl_features(program, images, tasks=None, out_dir=None, timeout_s=3600) -> dict:
     """Features (act codes [N, tokens, D]) of every image [N,C,H,W] for every task from ONE RTL
     simulation; also {"images_differing": {task: count}} against the Python executor."""
-    from hw.accel import Accelerator
-    from sim.runner import run_cocotb
+    from edgemoe.hw.accel import Accelerator
+    from edgemoe.sim.runner import run_cocotb
     cfg = program.cfg
     tasks = [cfg.tasks[cfg.task_index(t)] for t in (tasks or cfg.tasks)]
     out = (Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgemoe-rtl-"))).resolve()
@@ -199,7 +199,7 @@ def rtl_features(program, images, tasks=None, out_dir=None, timeout_s=3600) -> d
     np.save(out / "images.npy", np.asarray(images, np.float32))
     conf = {"program": str(program.save(out / "program")), "tasks": tasks,
             "batch": str(out / "images.npy"), "features_out": str(out / "features.npz")}
-    res = run_cocotb(Accelerator(cfg, program.qcfg, program.hwcfg), "edgemoe_accel", "sim.tb_accel",
+    res = run_cocotb(Accelerator(cfg, program.qcfg, program.hwcfg), "edgemoe_accel", "edgemoe.sim.tb_accel",
                      tb_config=conf, timeout_s=timeout_s)
     with np.load(out / "features.npz") as f:
         feats = {t: f[t] for t in tasks}

@@ -116,7 +116,7 @@ def _runner_class(simulator: str, timeout_s: float):
             cmds = [limit + list(cmd) for cmd in super()._build_command()]
             if simulator == "verilator" and len(cmds) == 2:
                 # between verilating and `make`: reuse the design-independent runtime objects
-                seed = [sys.executable, "-c", "import sys; from sim.runner import _runtime_cache;"
+                seed = [sys.executable, "-c", "import sys; from edgemoe.sim.runner import _runtime_cache;"
                         " _runtime_cache(sys.argv[1], 'get')", str(self.build_dir)]
                 cmds.insert(1, seed)
             return cmds
@@ -210,7 +210,7 @@ def _failures(results_xml: Path) -> list[str]:
 def export_verilog(component_or_verilog, toplevel: str) -> str:
     if isinstance(component_or_verilog, str):
         return component_or_verilog
-    from hw.export import to_verilog
+    from edgemoe.hw.export import to_verilog
     return to_verilog(component_or_verilog, toplevel)
 
 
@@ -259,7 +259,7 @@ def run_cocotb(component_or_verilog, toplevel: str, test_module: str, simulator:
                build_args=(), testcase: str | None = None, keep_run_dir: bool = False,
                extra_env: dict | None = None, waves: bool = False) -> dict:
     """Export, build (cached), simulate `test_module` (a dotted module under the repo, e.g.
-    "sim.tb_requant") and return the dict the testbench wrote with write_result().
+    "edgemoe.sim.tb_requant") and return the dict the testbench wrote with write_result().
     extra_env: more environment variables for the simulator (e.g. COCOTB_LOG_LEVEL=DEBUG).
     waves: record a waveform (dump.vcd / <toplevel>.fst) in the run dir, which is then kept."""
     if simulator not in SIMULATORS:
@@ -278,8 +278,6 @@ def run_cocotb(component_or_verilog, toplevel: str, test_module: str, simulator:
     results_xml = rdir / "results.xml"
     log = rdir / "sim.log"
 
-    if str(REPO_ROOT) not in sys.path:      # the simulator's Python imports sim.*, quant.*, hw.*
-        sys.path.insert(0, str(REPO_ROOT))
     runner = _runner_class(simulator, timeout_s)()
     runner.extra_env = {"COCOTB_ANSI_OUTPUT": "0", **(extra_env or {}), TB_CONFIG_ENV: str(cfg_path)}
     t0 = time.perf_counter()

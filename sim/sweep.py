@@ -57,7 +57,7 @@ def grid_points(grid: dict, hw_base: str = "zcu102-16x16") -> list[dict]:
 
 
 def point_hw(pt: dict):
-    from hw.config import get_hw_preset
+    from edgemoe.hw.config import get_hw_preset
     base = get_hw_preset(pt["hw_base"])
     name = (f"{pt['t_in']}x{pt['t_out']}-p{pt['attn_p']}-axi{pt['axi_data_bits']}-"
             f"{pt['dram_gbps']:g}GBs")
@@ -68,9 +68,9 @@ def point_hw(pt: dict):
 
 def evaluate_point(pt: dict, preset: str, routing=None, measured: dict | None = None) -> dict:
     """Cycles, resources and energy of one point; an unbuildable point gets 'error'."""
-    from hw.accel import check_buildable
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.accel import check_buildable
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
 
     from .energy import power_from
     from .perf_model import inference_cycles
@@ -121,11 +121,11 @@ def best_point(points: list[dict]) -> int | None:
 
 def synth_units(pt: dict, preset: str, timeout_s: float = 900) -> dict:
     """Yosys synth_xilinx of the registered units for one point: {resources unit: result}."""
-    from hw.export import module_name, to_rtlil
-    from hw.synth import synth_xilinx
-    from hw.units import UNITS, build_unit
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.export import module_name, to_rtlil
+    from edgemoe.hw.synth import synth_xilinx
+    from edgemoe.hw.units import UNITS, build_unit
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
     cfg, q, hw = get_preset(preset), get_quant_preset(pt["quant"]), point_hw(pt)
     out = {}
     for reg_name, unit in SYNTH_UNITS.items():

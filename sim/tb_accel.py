@@ -23,7 +23,7 @@ import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
 
-from sim.tb_common import read_uint, tb_config, write_result
+from edgemoe.sim.tb_common import read_uint, tb_config, write_result
 
 MEM_BASE = 0x1000_0000
 
@@ -59,10 +59,10 @@ async def _trace(dut, clk_cycles, out, progress):
 
 @cocotb.test()
 async def accel_inference(dut):
-    from quant.interpreter import run_program
-    from quant.program import container_bytes, decode_values, load_program
-    from sim.dram import CocotbAccelBackend
-    from sim.driver import DriverError
+    from edgemoe.quant.interpreter import run_program
+    from edgemoe.quant.program import container_bytes, decode_values, load_program
+    from edgemoe.sim.dram import CocotbAccelBackend
+    from edgemoe.sim.driver import DriverError
 
     conf = tb_config()
     program = load_program(conf["program"])

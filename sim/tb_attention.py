@@ -42,11 +42,11 @@ except ImportError:  # importable without cocotb for the stimulus function
 if cocotb is not None:
     from cocotb.triggers import ReadOnly, RisingEdge
 
-    from hw.config import HWConfig
-    from quant.attention import attention_golden
-    from quant.config import QuantConfig
-    from quant.fixed import SatCounter
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.quant.attention import attention_golden
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.quant.fixed import SatCounter
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
                                start_clock_and_reset, tb_config, unpack_lanes, write_result)
 
     @cocotb.test()

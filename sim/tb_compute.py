@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quant import approx
-from quant.linear import LinearMode, get_mode, linear_golden, pack_weight_stream, tile_layout
-from quant.schedule import active_experts, build_expert_queues
+from edgemoe.quant import approx
+from edgemoe.quant.linear import LinearMode, get_mode, linear_golden, pack_weight_stream, tile_layout
+from edgemoe.quant.schedule import active_experts, build_expert_queues
 
 KINDS = ("patch_embed", "qkv", "proj", "fc1", "fc2", "router", "expert_fc1", "expert_fc2", "corner")
 
@@ -67,7 +67,7 @@ class Layer:
 
 
 def _dims(shape: str):
-    from model.config import get_preset
+    from edgemoe.model.config import get_preset
     return get_preset(shape)
 
 
@@ -198,7 +198,7 @@ def build_program(shape: str, qcfg, hwcfg, seed: int = 0, kinds=None, max_expert
 
 
 def expected_cycles(layers, qcfg, hwcfg):
-    from sim.perf import linear_cycles
+    from edgemoe.sim.perf import linear_cycles
     return [linear_cycles(L.rows, L.k, L.n, hwcfg, qcfg, L.mode) for L in layers]
 
 
@@ -210,9 +210,9 @@ except ImportError:  # importable without cocotb for build_program
 if cocotb is not None:
     from cocotb.triggers import ReadOnly, RisingEdge
 
-    from hw.config import HWConfig
-    from quant.config import QuantConfig
-    from sim.tb_common import pack_lanes, read_uint, tb_config, unpack_lanes, write_result
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.sim.tb_common import pack_lanes, read_uint, tb_config, unpack_lanes, write_result
 
     class _Port:
         """A DUT input written only when its value changes (writes are the costly part)."""
@@ -410,7 +410,7 @@ if cocotb is not None:
         model = expected_cycles(layers, q, hw)
         idle = {"cmd__valid": 0, "w__valid": 0, "q__valid": 0, "x__valid": 0, "r__valid": 0,
                 "xr__ready": 0, "rr__ready": 0, "y__ready": 0}
-        from sim.tb_common import start_clock_and_reset
+        from edgemoe.sim.tb_common import start_clock_and_reset
         counter = await start_clock_and_reset(dut, idle_inputs=idle)
         out = {"phases": [], "model_cycles": model, "layer_names": [L.name for L in layers]}
         t0 = time.perf_counter()

@@ -10,8 +10,8 @@ import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge, Timer
 
-from sim.dram import AxiDram, AxiLiteMaster, CocotbAccelBackend
-from sim.tb_common import start_clock_and_reset, tb_config, write_result
+from edgemoe.sim.dram import AxiDram, AxiLiteMaster, CocotbAccelBackend
+from edgemoe.sim.tb_common import start_clock_and_reset, tb_config, write_result
 
 IDLE = {"s_axi_awvalid": 0, "s_axi_wvalid": 0, "s_axi_bready": 0, "s_axi_arvalid": 0,
         "s_axi_rready": 0, "s_axil__awvalid": 0, "s_axil__wvalid": 0, "s_axil__bready": 0,
@@ -274,13 +274,13 @@ async def driver(dut):
     """sim/driver.py's AsyncAcceleratorDriver through CocotbAccelBackend: registers over the
     AXI4-Lite passthrough (PythonMMIO behind it), memory = the AxiDram's array."""
     from cocotbext.axi import AxiLiteBus, AxiLiteSlave
-    from hw.config import get_hw_preset
-    from model import get_preset
-    from quant.compiler import compile_program, synthetic_state_dict
-    from quant.config import get_quant_preset
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
-    from sim.driver import PythonBackend
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model import get_preset
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.driver import PythonBackend
     q, hw, mcfg = get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16"), get_preset("tiny")
     qw = quantize_weights(mcfg, q, synthetic_state_dict(mcfg, 2))
     prog = compile_program(mcfg, q, hw, qw)

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from quant.approx import LOG2E
+from edgemoe.quant.approx import LOG2E
 
 
 def gate_stimulus(qcfg, n_exp: int, n_tok: int, seed: int) -> np.ndarray:
@@ -71,9 +71,9 @@ def gate_stimulus(qcfg, n_exp: int, n_tok: int, seed: int) -> np.ndarray:
 def golden_layer(logits, tokens, qcfg, n_exp: int, top_k: int):
     """(probs, topk_idx, topk_w, sat_total, read stream [(expert, token, weight, last, final)],
     lengths, active mask) of one layer; `tokens` maps row -> token index."""
-    from quant.approx import gate_fixed
-    from quant.fixed import SatCounter
-    from quant.schedule import active_experts, build_expert_queues, scatter_order
+    from edgemoe.quant.approx import gate_fixed
+    from edgemoe.quant.fixed import SatCounter
+    from edgemoe.quant.schedule import active_experts, build_expert_queues, scatter_order
     sat = SatCounter()
     idx, w, probs = gate_fixed(logits, qcfg, top_k, sat)
     exp, row, _, wts = scatter_order(idx, w, n_exp)
@@ -96,8 +96,8 @@ except ImportError:  # importable without cocotb for gate_stimulus / golden_laye
 if cocotb is not None:
     from cocotb.triggers import ReadOnly, RisingEdge
 
-    from quant.config import QuantConfig
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
                                start_clock_and_reset, tb_config, unpack_lanes, write_result)
 
     IDLE = {"i__valid": 0, "o__ready": 0, "start": 0}

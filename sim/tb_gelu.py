@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from hw.gelu import gelu_plan
+from edgemoe.hw.gelu import gelu_plan
 
 
 def gelu_interp(x, qcfg):
@@ -118,12 +118,12 @@ except ImportError:  # importable without cocotb for gelu_stimulus
 if cocotb is not None:
     from cocotb.triggers import RisingEdge
 
-    from hw.config import HWConfig
-    from hw.gelu import Gelu
-    from quant.approx import gelu_fixed
-    from quant.config import QuantConfig
-    from quant.fixed import SatCounter
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, start_clock_and_reset,
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.hw.gelu import Gelu
+    from edgemoe.quant.approx import gelu_fixed
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.quant.fixed import SatCounter
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, start_clock_and_reset,
                                tb_config, unpack_lanes, write_result)
 
     LATENCY = Gelu.LATENCY

@@ -73,7 +73,7 @@ def layernorm_params_stim(qcfg, d: int, which: int, seed: int):
     """gamma, beta [d] codes. Set 0: trained-like (approx.layernorm_params_random) with the
     format extremes and zero at a few positions; set 1: uniform over the whole formats with
     extremes."""
-    from quant.approx import layernorm_params_random
+    from edgemoe.quant.approx import layernorm_params_random
     rng = np.random.default_rng(seed + 31 * which)
     G, E = qcfg.ln_gamma, qcfg.ln_beta
     if which == 0:
@@ -97,11 +97,11 @@ except ImportError:  # importable without cocotb for the stimulus functions
 if cocotb is not None:
     from cocotb.triggers import ReadOnly, RisingEdge
 
-    from hw.config import HWConfig
-    from hw.layernorm import layernorm_plan
-    from quant.config import QuantConfig
-    from quant.ln_steps import layernorm_steps
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.hw.layernorm import layernorm_plan
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.quant.ln_steps import layernorm_steps
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
                                start_clock_and_reset, tb_config, unpack_lanes, write_result)
 
     class _Inputs:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from quant.epilogue import requant_plan
+from edgemoe.quant.epilogue import requant_plan
 
 
 def requant_stimulus(qcfg, lanes: int, n_beats: int, seed: int):
@@ -68,11 +68,11 @@ except ImportError:  # importable without cocotb for requant_stimulus
 if cocotb is not None:
     from cocotb.triggers import RisingEdge
 
-    from hw.config import HWConfig
-    from hw.requant import Requant
-    from quant.config import QuantConfig
-    from quant.epilogue import requant_golden
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, start_clock_and_reset,
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.hw.requant import Requant
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.quant.epilogue import requant_golden
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, start_clock_and_reset,
                                tb_config, unpack_lanes, write_result)
 
     LATENCY = Requant.LATENCY

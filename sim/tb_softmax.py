@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from quant.approx import softmax_stats
-from quant.fixed import SatCounter
-from quant.schedule import attention_schedule, row_key_order
+from edgemoe.quant.approx import softmax_stats
+from edgemoe.quant.fixed import SatCounter
+from edgemoe.quant.schedule import attention_schedule, row_key_order
 
 ROW_KINDS = ("uniform", "normal", "equal", "growing", "dominant", "extremes", "falling", "jump")
 
@@ -129,10 +129,10 @@ except ImportError:  # importable without cocotb for the stimulus functions
 if cocotb is not None:
     from cocotb.triggers import ReadOnly, RisingEdge
 
-    from hw.config import HWConfig
-    from hw.softmax import SoftmaxStats
-    from quant.config import QuantConfig
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.hw.softmax import SoftmaxStats
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes, read_uint,
                                start_clock_and_reset, tb_config, write_result)
 
     @cocotb.test()

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from quant.approx import softmax_normalise
-from quant.fixed import Fmt
+from edgemoe.quant.approx import softmax_normalise
+from edgemoe.quant.fixed import Fmt
 
 
 def _ceil_range(qcfg):
@@ -88,10 +88,10 @@ except ImportError:  # importable without cocotb for the stimulus functions
 if cocotb is not None:
     from cocotb.triggers import RisingEdge
 
-    from hw.config import HWConfig
-    from hw.softmax_norm import SoftmaxNorm
-    from quant.config import QuantConfig
-    from sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes,
+    from edgemoe.hw.config import HWConfig
+    from edgemoe.hw.softmax_norm import SoftmaxNorm
+    from edgemoe.quant.config import QuantConfig
+    from edgemoe.sim.tb_common import (StreamDriver, StreamSink, first_mismatch, pack_lanes,
                                start_clock_and_reset, tb_config, unpack_lanes, write_result)
 
     @cocotb.test()

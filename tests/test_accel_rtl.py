@@ -4,16 +4,16 @@ with the Python executor (= golden model); error codes of corrupted programs."""
 import numpy as np
 import pytest
 
-from hw.config import get_hw_preset
-from model.config import get_preset
-from quant.config import get_quant_preset
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model.config import get_preset
+from edgemoe.quant.config import get_quant_preset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, seed=0):
-    from quant.compiler import compile_program, synthetic_state_dict
-    from quant.qweights import quantize_weights
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
     cfg = get_preset("tiny")
     q = get_quant_preset(quant)
     h = get_hw_preset(hw).replace(act_buffer_tokens=tokens)
@@ -23,10 +23,10 @@ def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, se
 
 
 def test_accel_tiny_bit_exact(tmp_path):
-    from hw.accel import Accelerator
-    from sim.runner import run_cocotb
+    from edgemoe.hw.accel import Accelerator
+    from edgemoe.sim.runner import run_cocotb
     cfg, q, h, prog, path = tiny_program(tmp_path)
-    res = run_cocotb(Accelerator(cfg, q, h), "edgemoe_accel", "sim.tb_accel",
+    res = run_cocotb(Accelerator(cfg, q, h), "edgemoe_accel", "edgemoe.sim.tb_accel",
                      tb_config={"program": str(path), "tasks": list(cfg.tasks)}, timeout_s=1200)
     for task, r in res["tasks"].items():
         assert r["mismatches"] == 0, f"{task}: {r['first_mismatch']}"
@@ -39,7 +39,7 @@ def test_accel_tiny_bit_exact(tmp_path):
 
 def _patched_words(prog, pc, **fields):
     """The 8 words of instruction pc with fields (quant.program.FIELDS) overwritten."""
-    from quant.program import FIELDS
+    from edgemoe.quant.program import FIELDS
     words = [int(w) for w in np.frombuffer(prog.instrs[pc].to_bytes(), "<u4")]
     for f, v in fields.items():
         w, lo, width = FIELDS[f]
@@ -49,8 +49,8 @@ def _patched_words(prog, pc, **fields):
 
 def _interpreter_error(prog, pc, words, image):
     """(code, pc) the Python executor stops with on the patched program."""
-    from quant.interpreter import FlatMemory, Machine, Registers, image_codes
-    from quant.program import ProgramError, encode_values, image_patch_codes
+    from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, image_codes
+    from edgemoe.quant.program import ProgramError, encode_values, image_patch_codes
     base = 0x1000_0000
     mem = FlatMemory(prog.image_bytes, base)
     mem.write(base, prog.image)
@@ -67,9 +67,9 @@ def _interpreter_error(prog, pc, words, image):
 def test_accel_errors_match_interpreter(tmp_path):
     """Corrupted programs stop the RTL with the executor's ERROR_CODE and ERROR_PC, and the
     accelerator runs a clean program bit-exact right after (START resets every unit)."""
-    from hw.accel import Accelerator
-    from quant.program import ERR_ADDRESS, ERR_BUFFER, ERR_ILLEGAL, ERR_LOOP, Op
-    from sim.runner import run_cocotb
+    from edgemoe.hw.accel import Accelerator
+    from edgemoe.quant.program import ERR_ADDRESS, ERR_BUFFER, ERR_ILLEGAL, ERR_LOOP, Op
+    from edgemoe.sim.runner import run_cocotb
     cfg, q, h, prog, path = tiny_program(tmp_path)
     names = prog.names
     pc_of = {n: i for i, n in enumerate(names)}
@@ -92,7 +92,7 @@ def test_accel_errors_match_interpreter(tmp_path):
     image = rng.normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
     expected = [_interpreter_error(prog, pc, w, image) for pc, w, _ in cases]
     assert [e[0] for e in expected] == [c for _, _, c in cases]       # the cases test what they say
-    res = run_cocotb(Accelerator(cfg, q, h), "edgemoe_accel", "sim.tb_accel",
+    res = run_cocotb(Accelerator(cfg, q, h), "edgemoe_accel", "edgemoe.sim.tb_accel",
                      tb_config={"program": str(path), "tasks": [cfg.tasks[0]],
                                 "errors": [{"pc": pc, "words": w} for pc, w, _ in cases]}, timeout_s=1200)
     got = [(e["code"], e["error_pc"]) for e in res["errors"]]
@@ -105,7 +105,7 @@ def test_eval_rtl_equals_golden():
     """Issue 8 (c): task metrics through the RTL accelerator equal the golden model's exactly
     (trained tiny checkpoint, 2 test scenes, both tasks)."""
     from pathlib import Path
-    from model.evaluate import evaluate_checkpoint
+    from edgemoe.model.evaluate import evaluate_checkpoint
     ck = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"
     rep = evaluate_checkpoint(ck, quant=("edge-moe-fixed",), n=2, rtl=True)
     assert rep["rtl"]["images_differing_from_executor"] == {"semseg": 0, "depth": 0}
@@ -117,7 +117,7 @@ def test_eval_rtl_equals_golden():
 def test_accel_intermediates_bit_exact(tmp_path):
     """`edgemoe simulate --intermediates`: a STORE after every layer (quant.compiler.debug_program);
     every stored intermediate tensor of the RTL equals the executor's."""
-    from sim.rtl_sim import simulate
+    from edgemoe.sim.rtl_sim import simulate
     cfg, q, h, prog, path = tiny_program(tmp_path, seed=3)
     rep = simulate(prog, [cfg.tasks[1]], out_dir=tmp_path / "sim", intermediates=True, progress=False)
     r = rep["tasks"][cfg.tasks[1]]
@@ -131,9 +131,9 @@ def test_accel_intermediates_bit_exact(tmp_path):
 def test_accel_edge_moe_full(tmp_path):
     """`make sim-full`'s check for one task: the edge-moe preset, all 12 blocks, on the
     zcu102-16x16 top, bit-exact, cycle model within 5 % of the RTL (about 15 min here)."""
-    from quant.compiler import compile_program, synthetic_state_dict
-    from quant.qweights import quantize_weights
-    from sim.rtl_sim import simulate
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import simulate
     cfg, q, h = get_preset("edge-moe"), get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
     prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, 0)))
     rep = simulate(prog, ["semseg"], out_dir=tmp_path / "sim", progress=False)
@@ -146,7 +146,7 @@ def test_accel_edge_moe_full(tmp_path):
 def test_simulate_cli_tiny(tmp_path, capsys):
     """`edgemoe simulate --preset tiny`: trained checkpoint, one task, bit-exact, JSON + PNG."""
     import json
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     out = tmp_path / "sim"
     assert main(["simulate", "--preset", "tiny", "--act-buffer-tokens", "16", "--task", "depth",
                  "--out", str(out)]) == 0
@@ -160,7 +160,7 @@ def test_simulate_cli_tiny(tmp_path, capsys):
 
 def test_simulate_cli_bad_inputs(capsys):
     """Bad configs fail before any build with the reason named (no simulation runs)."""
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     cases = [(["--task", "normals"], "unknown task 'normals'"),
              (["--act-buffer-tokens", "4"], "act_buffer_tokens"),
              (["--beats-per-cycle", "1.5"], "--beats-per-cycle 1.5 must be in (0, 1]"),

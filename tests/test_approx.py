@@ -9,9 +9,9 @@ import mpmath
 import numpy as np
 import pytest
 
-from quant import approx as A
-from quant.config import EDGE_MOE_FIXED, QuantConfig
-from quant.fixed import Fmt, FormatError, Rounding, SatCounter
+from edgemoe.quant import approx as A
+from edgemoe.quant.config import EDGE_MOE_FIXED, QuantConfig
+from edgemoe.quant.fixed import Fmt, FormatError, Rounding, SatCounter
 
 Q = EDGE_MOE_FIXED
 LOG2E = 1.0 / math.log(2.0)

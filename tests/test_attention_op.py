@@ -13,17 +13,17 @@ from amaranth.hdl import Elaboratable, Module
 from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
-from hw.accel_plan import accel_plan
-from hw.attention_op import AttentionOp
-from hw.config import get_hw_preset
-from model.config import get_preset
-from quant.compiler import buffer_plan
-from quant.config import get_quant_preset
-from quant.fixed import Fmt
-from quant.interpreter import FlatMemory, Machine, RunStats
-from quant.program import Buf, Instr, Op
-from sim.perf import attention_cycles_engine
-from sim.tb_attention import attention_stimulus
+from edgemoe.hw.accel_plan import accel_plan
+from edgemoe.hw.attention_op import AttentionOp
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model.config import get_preset
+from edgemoe.quant.compiler import buffer_plan
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt
+from edgemoe.quant.interpreter import FlatMemory, Machine, RunStats
+from edgemoe.quant.program import Buf, Instr, Op
+from edgemoe.sim.perf import attention_cycles_engine
+from edgemoe.sim.tb_attention import attention_stimulus
 
 TINY = get_preset("tiny")          # n = 9, 2 heads, dim 64 (head_dim 32)
 SAT_KINDS = ("attn_in", "score", "sum", "recip", "prob", "out")   # Machine: pc<i>.attn.<kind>
@@ -241,8 +241,8 @@ def test_attention_op_catches_wrong_rounding(monkeypatch):
     caught by the H comparison (first-mismatch report)."""
     from amaranth.hdl import Value
 
-    from hw.compute import fit_signed
-    from quant.fixed import Overflow
+    from edgemoe.hw.compute import fit_signed
+    from edgemoe.quant.fixed import Overflow
 
     def trunc_lane(self, x):
         v = Value.cast(x)[self.shift:].as_signed()
@@ -256,7 +256,7 @@ def test_attention_op_catches_wrong_rounding(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_attention_op_rejects_bad_config():
-    from hw.config import HWConfigError
+    from edgemoe.hw.config import HWConfigError
     q = get_quant_preset("edge-moe-fixed")
     with pytest.raises(HWConfigError, match="act_buffer_tokens"):
         AttentionOp(TINY, q, get_hw_preset("small-8x8").replace(act_buffer_tokens=8))
@@ -265,7 +265,7 @@ def test_attention_op_rejects_bad_config():
 
 
 def test_attention_op_exports():
-    from hw.export import port_list, to_rtlil
+    from edgemoe.hw.export import port_list, to_rtlil
     q, h = get_quant_preset("edge-moe-fixed"), hw("small-8x8")
     op = AttentionOp(TINY, q, h)
     p = accel_plan(TINY, q, h)

@@ -8,20 +8,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hw.attention import AttentionEngine
-from hw.config import HWConfig, get_hw_preset
-from hw.export import port_list
-from hw.units import build_unit
-from model.config import get_preset
-from quant.attention import attention_golden
-from quant.config import get_quant_preset
-from quant.schedule import schedule_stats
-from sim.perf import attention_cycles_engine
-from sim.runner import lint_verilator, run_cocotb, simulator_available
-from sim.tb_attention import attention_stimulus
+from edgemoe.hw.attention import AttentionEngine
+from edgemoe.hw.config import HWConfig, get_hw_preset
+from edgemoe.hw.export import port_list
+from edgemoe.hw.units import build_unit
+from edgemoe.model.config import get_preset
+from edgemoe.quant.attention import attention_golden
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.schedule import schedule_stats
+from edgemoe.sim.perf import attention_cycles_engine
+from edgemoe.sim.runner import lint_verilator, run_cocotb, simulator_available
+from edgemoe.sim.tb_attention import attention_stimulus
 
 TOP = "edgemoe_attention"
-TB = "sim.tb_attention"
+TB = "edgemoe.sim.tb_attention"
 Q = get_quant_preset("edge-moe-fixed")
 TINY = get_preset("tiny")          # n = 9, 2 heads, head_dim 32
 
@@ -34,9 +34,9 @@ def hw_p(P):
 def test_golden_equals_golden_model_block():
     """attention_golden reproduces GoldenModel's block-0 attention tensors from its qkv."""
     import torch
-    from model.m3vit import M3ViT
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.model.m3vit import M3ViT
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
     cfg = TINY
     m = M3ViT(cfg, seed=0).eval()
     x = torch.rand(3, cfg.img_h, cfg.img_w, generator=torch.Generator().manual_seed(0)).numpy()
@@ -88,7 +88,7 @@ def test_export_ports_and_lint():
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="heads"):
         AttentionEngine(Q, hw_p(2), 9, 0, 32)
-    from quant.fixed import Fmt, FormatError
+    from edgemoe.quant.fixed import Fmt, FormatError
     with pytest.raises(FormatError, match="score.frac"):
         AttentionEngine(Q.replace(score=Fmt(40, 33)), hw_p(2), 9, 2, 32)
 
@@ -167,7 +167,7 @@ def test_attention_edge_moe_shape():
 
 # --- synthesis ------------------------------------------------------------------------------------
 def _synth_tiny():
-    from hw.export import to_rtlil
+    from edgemoe.hw.export import to_rtlil
     return to_rtlil(build_unit("attention", Q, get_hw_preset("zcu102-16x16"), TINY), TOP)
 
 
@@ -175,7 +175,7 @@ def _synth_tiny():
 def test_synth_attention_resource_baseline():
     """Tiny shape (n = 9, 2 heads, head_dim 32, P = 4): QK lanes use P*dh multipliers of
     attn_in x attn_in, AV lanes P*dh of prob x attn_in."""
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_tiny(), TOP, timeout_s=1800)
     res["config"] = {"quant": Q.name, "hw": "zcu102-16x16", "model": "tiny"}
     assert res["dsp"] >= 4 * 32

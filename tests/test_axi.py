@@ -12,9 +12,9 @@ import pytest
 from amaranth.hdl import Array, Elaboratable, Module, Shape, Signal
 from amaranth.sim import Simulator
 
-from hw.axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature
-from hw.export import port_list, to_rtlil, to_verilog
-from sim.runner import lint_verilator, simulator_available
+from edgemoe.hw.axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature
+from edgemoe.hw.export import port_list, to_rtlil, to_verilog
+from edgemoe.sim.runner import lint_verilator, simulator_available
 
 SLVERR = 0b10
 # Components built only for their port list or to check a ValueError are never elaborated.

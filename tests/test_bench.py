@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from sim.cli import main
-from sim.cmd_bench import measure
+from edgemoe.sim.cli import main
+from edgemoe.sim.cmd_bench import measure
 
 
 def test_bench_cli_tiny_json(tmp_path, capsys):

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from model import get_preset
-from model.checkpoint import default_edge_moe_dir
-from model.data import make_scene
-from quant.calibrate import (BITS_PRESETS, calibrate, calibration_images, choose_formats,
+from edgemoe.model import get_preset
+from edgemoe.model.checkpoint import default_edge_moe_dir
+from edgemoe.model.data import make_scene
+from edgemoe.quant.calibrate import (BITS_PRESETS, calibrate, calibration_images, choose_formats,
                              float_forward, format_report, observe, preset_literal, validate_config)
-from quant.config import EDGE_MOE_FIXED, QUANT_PRESETS, W8A16
-from quant.fixed import Fmt, FormatError
-from quant.golden import GoldenModel
-from quant.qweights import fold_scales, quantize_weights, tensor_class
-from quant.report import fidelity_run, float_reference, load_weights
+from edgemoe.quant.config import EDGE_MOE_FIXED, QUANT_PRESETS, W8A16
+from edgemoe.quant.fixed import Fmt, FormatError
+from edgemoe.quant.golden import GoldenModel
+from edgemoe.quant.qweights import fold_scales, quantize_weights, tensor_class
+from edgemoe.quant.report import fidelity_run, float_reference, load_weights
 
 REAL = default_edge_moe_dir()
 needs_real = pytest.mark.skipif(not (REAL / "l0_qkv_weight.float32.bin").exists(),
@@ -78,7 +78,7 @@ def _narrow(q, cls, frac):
 
 def test_float_mirror_matches_m3vit(tiny):
     cfg, sd, imgs, q, rep = tiny
-    from model.m3vit import M3ViT
+    from edgemoe.model.m3vit import M3ViT
     m = M3ViT(cfg, seed=None).eval()
     m.load_state_dict(sd, strict=False)
     folded = fold_scales(cfg, sd)
@@ -174,7 +174,7 @@ def test_bad_input_names_the_class(tiny):
 
 
 def test_calibrate_cli_tiny(tmp_path, capsys):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     out = tmp_path / "cal.json"
     assert main(["calibrate", "--preset", "tiny", "--bits", "w8a16", "--synthetic", "1",
                  "--json", str(out), "--python"]) == 0

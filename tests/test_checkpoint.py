@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import (
+from edgemoe.model.checkpoint import (
     CheckpointError, LoadedCheckpoint, _rank_files, edge_moe_names, expected_backbone_shapes,
     export_edge_moe_bins, export_timm, fold_cls_token, import_edge_moe_bins, import_m3vit,
     import_timm, load_checkpoint, load_edge_moe_image, save_checkpoint, validate_state,
 )
-from model.config import get_preset
+from edgemoe.model.config import get_preset
 
 TINY = get_preset("tiny")                      # MoE blocks 1, 3; 4 experts; 2 tasks
 DENSE = TINY.replace(moe_blocks=())
@@ -320,7 +320,7 @@ def test_project_checkpoint_round_trip_and_foreign_file(tmp_path):
 def test_load_model_integration(tmp_path):
     if not (Path(__file__).resolve().parents[1] / "model" / "m3vit.py").is_file():
         pytest.skip("model/m3vit.py (M3ViT network) does not exist yet")
-    from model.checkpoint import load_model
+    from edgemoe.model.checkpoint import load_model
 
     sd = rand_state(TINY, 10)
     sd["cls_token"].zero_()
@@ -349,7 +349,7 @@ def test_project_checkpoint_backbone_ignores_head_fields():
     """The shipped tiny checkpoint (heads trained on 7 classes) loads as a tiny backbone; a
     checkpoint whose backbone differs is refused naming the field."""
     import dataclasses
-    from model.checkpoint import CheckpointError, load_backbone
+    from edgemoe.model.checkpoint import CheckpointError, load_backbone
     ck = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny.pt"
     cfg = get_preset("tiny")
     assert cfg.task_channels != (7, 1)

@@ -4,19 +4,19 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from hw.config import get_hw_preset
-from model import get_preset
-from quant.compiler import (FitError, bram36, buffer_plan, check_fit, compile_program, dram_traffic,
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model import get_preset
+from edgemoe.quant.compiler import (FitError, bram36, buffer_plan, check_fit, compile_program, dram_traffic,
                             program_length, synthetic_state_dict)
-from quant.config import get_quant_preset
-from quant.golden import GoldenModel
-from quant.interpreter import FlatMemory, Machine, Registers, run_program
-from quant.linear import MODES, TileLayout, pack_weight_stream
-from quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY, FIELDS,
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.golden import GoldenModel
+from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, run_program
+from edgemoe.quant.linear import MODES, TileLayout, pack_weight_stream
+from edgemoe.quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY, FIELDS,
                            INSTR_BYTES, USED, Base, Buf, Flag, Index, Instr, Op, ProgramError,
                            linear_flags, linear_mode, load_program, unpack_weight_stream,
                            weight_stream)
-from quant.qweights import quantize_weights
+from edgemoe.quant.qweights import quantize_weights
 
 Q = get_quant_preset("edge-moe-fixed")
 HW = get_hw_preset("zcu102-16x16")

@@ -8,19 +8,19 @@ import os
 import numpy as np
 import pytest
 
-from hw.config import HWConfig, get_hw_preset
-from model.config import get_preset
-from quant import approx
-from quant.config import get_quant_preset
-from quant.fixed import Fmt, FormatError, Rounding, SatCounter, requantize
-from quant.linear import MODES, linear_golden, pack_weight_stream, tile_layout
-from quant.schedule import active_experts, build_expert_queues
-from sim.perf import linear_cycles, linear_macs, linear_timing, mac_utilisation
-from sim.runner import run_cocotb, simulator_available
-from sim.tb_compute import build_program, expected_cycles
+from edgemoe.hw.config import HWConfig, get_hw_preset
+from edgemoe.model.config import get_preset
+from edgemoe.quant import approx
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, FormatError, Rounding, SatCounter, requantize
+from edgemoe.quant.linear import MODES, linear_golden, pack_weight_stream, tile_layout
+from edgemoe.quant.schedule import active_experts, build_expert_queues
+from edgemoe.sim.perf import linear_cycles, linear_macs, linear_timing, mac_utilisation
+from edgemoe.sim.runner import run_cocotb, simulator_available
+from edgemoe.sim.tb_compute import build_program, expected_cycles
 
 TOP = "edgemoe_compute"
-TB = "sim.tb_compute"
+TB = "edgemoe.sim.tb_compute"
 Q = get_quant_preset("edge-moe-fixed")
 W8 = get_quant_preset("w8a16")
 HW16 = get_hw_preset("zcu102-16x16")
@@ -37,9 +37,9 @@ EDGE = get_preset("edge-moe")
 def tiny_golden():
     import torch
 
-    from model.m3vit import M3ViT
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.model.m3vit import M3ViT
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
     m = M3ViT(TINY, seed=0).eval()
     qw = quantize_weights(TINY, Q, m.state_dict())
     gm = GoldenModel(TINY, Q, qw, attn_p=2)
@@ -98,8 +98,8 @@ def test_linear_golden_equals_golden_model_layers(tiny_golden):
 def test_linear_golden_saturation_matches_golden_model():
     """Saturating data (narrow w8a16 formats, extreme rows): the same integers and the same
     saturation counts as GoldenModel.linear / .add and the expert weighting of .moe."""
-    from quant.golden import GoldenModel
-    from quant.qweights import QWeights
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import QWeights
     q = W8
     gm = GoldenModel(TINY, q, QWeights({}, {}))
     rng = np.random.default_rng(3)
@@ -231,8 +231,8 @@ def compute_verilog(q, hw, mcfg) -> str:
     from importlib.metadata import version
     from pathlib import Path
 
-    from hw.export import to_verilog
-    from sim.runner import REPO_ROOT, cache_root
+    from edgemoe.hw.export import to_verilog
+    from edgemoe.sim.runner import REPO_ROOT, cache_root
     h = hashlib.sha256(json.dumps([q.to_dict(), hw.to_dict(), repr(mcfg), version("amaranth")],
                                   sort_keys=True, default=str).encode())
     for f in GENERATOR_SOURCES:
@@ -240,7 +240,7 @@ def compute_verilog(q, hw, mcfg) -> str:
     path = Path(cache_root()) / "verilog" / f"{TOP}-{h.hexdigest()[:16]}.v"
     if path.exists():
         return path.read_text()
-    from hw.compute import ComputeUnit
+    from edgemoe.hw.compute import ComputeUnit
     text = to_verilog(ComputeUnit(q, hw, mcfg), TOP)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -361,8 +361,8 @@ def test_compute_verilator_16x16_edge_moe():
 def test_export_ports():
     import gc
 
-    from hw.export import port_list
-    from hw.units import build_unit
+    from edgemoe.hw.export import port_list
+    from edgemoe.hw.units import build_unit
     unit = build_unit("compute", Q, HW16, TINY)
     ports = port_list(unit)
     A, To, Ti = Q.act.bits, HW16.t_out, HW16.t_in
@@ -382,13 +382,13 @@ def test_export_ports():
 
 @pytest.mark.parametrize("hw", [HW4, HW16], ids=["4x4", "16x16"])
 def test_verilator_lint(hw):
-    from sim.runner import lint_verilator
+    from edgemoe.sim.runner import lint_verilator
     lint_verilator(compute_verilog(Q, hw, TINY), TOP)
 
 
 def _synth(hw):
-    from hw.compute import ComputeUnit
-    from hw.export import to_rtlil
+    from edgemoe.hw.compute import ComputeUnit
+    from edgemoe.hw.export import to_rtlil
     return to_rtlil(ComputeUnit(Q, hw, TINY), TOP)
 
 
@@ -397,7 +397,7 @@ def test_synth_compute_resource_baseline():
     """Yosys synth_xilinx (xcup) of the default 16x16 array (2-6 minutes, hence `slow`): the
     products map to DSP48E2 (two per 32x16 MAC, two per gate multiply, one per GELU lane), the
     accumulator banks and the queue to block RAM, the weight tile and its shadow to registers."""
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth(HW16), TOP, timeout_s=1800)
     res["config"] = {"quant": Q.name, "hw": HW16.name, "model": TINY.name}
     macs, To = HW16.t_in * HW16.t_out, HW16.t_out

@@ -1,9 +1,9 @@
 import pytest
 
-from hw.config import HWConfig, HWConfigError, get_hw_preset
-from model.config import ConfigError, get_preset
-from quant.config import QuantConfig, get_quant_preset
-from quant.fixed import Fmt, FormatError
+from edgemoe.hw.config import HWConfig, HWConfigError, get_hw_preset
+from edgemoe.model.config import ConfigError, get_preset
+from edgemoe.quant.config import QuantConfig, get_quant_preset
+from edgemoe.quant.fixed import Fmt, FormatError
 
 
 def test_presets_shapes():

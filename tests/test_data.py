@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import (CLASSES, DEPTH_MAX, DEPTH_MIN, NUM_CLASSES, ROAD, SPLIT_STRIDE, SPLITS,
+from edgemoe.model.data import (CLASSES, DEPTH_MAX, DEPTH_MIN, NUM_CLASSES, ROAD, SPLIT_STRIDE, SPLITS,
                         SceneDataset, make_batch, make_scene, save_preview, split_seeds)
 
 # Nearest-class-mean colour classifier: measured 0.31 pixel accuracy (128x256, 64+64 scenes;

@@ -1,6 +1,6 @@
 import json
 
-from sim.demo import main
+from edgemoe.sim.demo import main
 
 
 def test_demo_quick_tiny(tmp_path):

@@ -3,9 +3,9 @@ latency, bandwidth, SLVERR, statistics, AXI4-Lite, model speed."""
 
 import pytest
 
-from hw.config import HWConfig
-from sim.dram import dram_beats_per_cycle
-from sim.runner import REPO_ROOT, run_cocotb, simulator_available
+from edgemoe.hw.config import HWConfig
+from edgemoe.sim.dram import dram_beats_per_cycle
+from edgemoe.sim.runner import REPO_ROOT, run_cocotb, simulator_available
 
 HARNESS = (REPO_ROOT / "sim" / "hdl" / "edgemoe_dram_tb.v").read_text()
 TOP = "edgemoe_dram_tb"
@@ -17,7 +17,7 @@ SIMS = [pytest.param(s, marks=pytest.mark.skipif(not simulator_available(s)[0],
 
 
 def run(testcase, simulator="verilator", **cfg):
-    return run_cocotb(HARNESS, TOP, "sim.tb_dram", simulator=simulator, testcase=testcase,
+    return run_cocotb(HARNESS, TOP, "edgemoe.sim.tb_dram", simulator=simulator, testcase=testcase,
                       tb_config=cfg, timeout_s=120)
 
 

@@ -5,15 +5,15 @@ import importlib.util
 import numpy as np
 import pytest
 
-from hw.config import get_hw_preset
-from model import get_preset
-from quant.compiler import compile_program, dram_traffic, synthetic_state_dict
-from quant.config import get_quant_preset
-from quant.golden import GoldenModel
-from quant.program import ERR_ILLEGAL, INSTR_BYTES, load_program
-from quant.qweights import quantize_weights
-from sim import driver as drv
-from sim.driver import (AsyncAcceleratorDriver, BackendUnavailable, DriverError,
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model import get_preset
+from edgemoe.quant.compiler import compile_program, dram_traffic, synthetic_state_dict
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.golden import GoldenModel
+from edgemoe.quant.program import ERR_ILLEGAL, INSTR_BYTES, load_program
+from edgemoe.quant.qweights import quantize_weights
+from edgemoe.sim import driver as drv
+from edgemoe.sim.driver import (AsyncAcceleratorDriver, BackendUnavailable, DriverError,
                         PynqBackend, PythonBackend)
 
 Q = get_quant_preset("edge-moe-fixed")
@@ -145,7 +145,7 @@ def test_pynq_backend_says_clearly_that_pynq_is_missing():
 
 
 def test_cli_compile(tmp_path, capsys):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     assert main(["compile", "--preset", "tiny", "--weights", "synthetic", "--seed", "2",
                  "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out

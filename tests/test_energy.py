@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from hw.config import get_hw_preset
-from model.config import get_preset
-from quant.config import get_quant_preset
-from sim import energy as en
-from sim.perf_model import inference_cycles
-from sim.resources import estimate_resources
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model.config import get_preset
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.sim import energy as en
+from edgemoe.sim.perf_model import inference_cycles
+from edgemoe.sim.resources import estimate_resources
 
 EDGE = get_preset("edge-moe")
 FIXED = get_quant_preset("edge-moe-fixed")
@@ -101,8 +101,8 @@ def _bench_json(tmp_path, **over):
 def test_energy_cli_tiny(tmp_path):
     """CPU row measured here, energy 'not measured' without a readable RAPL counter (never a
     number); GPU rows from bench JSON keep their own labels; RTL cycles replace the model's."""
-    from sim.cli import main
-    from sim.cmd_bench import _Rapl
+    from edgemoe.sim.cli import main
+    from edgemoe.sim.cmd_bench import _Rapl
     gpu = _bench_json(tmp_path)
     gpu_nomeas = _bench_json(tmp_path, energy={"measured": False, "note": "no counter"})
     rtl = tmp_path / "rtl.json"
@@ -132,7 +132,7 @@ def test_energy_cli_tiny(tmp_path):
 
 
 def test_energy_cli_bad_inputs(tmp_path, capsys):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     wrong = _bench_json(tmp_path, preset="edge-moe")
     assert main(["energy", "--preset", "tiny", "--no-cpu", "--gpu-json", str(wrong)]) == 2
     assert "measured preset 'edge-moe'" in capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_energy_cli_bad_inputs(tmp_path, capsys):
 
 def test_energy_reads_simulate_json_per_task(tmp_path):
     """`edgemoe simulate`'s simulate.json: the accelerator row takes the given task's RTL cycles."""
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     rtl = tmp_path / "simulate.json"
     rtl.write_text(json.dumps({"tasks": {"semseg": {"cycles": 50000}, "depth": {"cycles": 70000}}}))
     out = tmp_path / "energy.json"

@@ -4,7 +4,7 @@ import pytest
 from fractions import Fraction
 from hypothesis import given, settings, strategies as st
 
-from quant.fixed import (Fmt, FormatError, Overflow, Rounding, SatCounter, acc_bits_needed, mul,
+from edgemoe.quant.fixed import (Fmt, FormatError, Overflow, Rounding, SatCounter, acc_bits_needed, mul,
                          requantize, shift_round)
 
 I62 = st.integers(-(1 << 61), (1 << 61) - 1)

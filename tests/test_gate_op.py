@@ -11,16 +11,16 @@ from amaranth.hdl import Cat, Elaboratable, Module
 from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
-from hw.accel_plan import accel_plan
-from hw.config import get_hw_preset
-from hw.export import port_list, to_verilog
-from hw.gate_op import GateOp
-from model.config import get_preset
-from quant.compiler import buffer_plan
-from quant.config import get_quant_preset
-from quant.fixed import Fmt
-from quant.interpreter import FlatMemory, Machine, Registers, RunStats
-from quant.program import Buf, Instr, Op
+from edgemoe.hw.accel_plan import accel_plan
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.hw.export import port_list, to_verilog
+from edgemoe.hw.gate_op import GateOp
+from edgemoe.model.config import get_preset
+from edgemoe.quant.compiler import buffer_plan
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt
+from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, RunStats
+from edgemoe.quant.program import Buf, Instr, Op
 
 TINY = get_preset("tiny")                  # E = 4, k = 2, N = 9
 FIXED = get_quant_preset("edge-moe-fixed")

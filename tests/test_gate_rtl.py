@@ -7,19 +7,19 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from hw.config import get_hw_preset
-from hw.export import port_list, to_verilog
-from hw.gate import Gate, gate_latency, gate_plan
-from hw.units import build_unit
-from model.config import get_preset
-from quant.approx import exp2_fixed, gate_fixed
-from quant.config import get_quant_preset
-from quant.fixed import Fmt, FormatError, Overflow, Rounding
-from sim.runner import lint_verilator, run_cocotb, simulator_available
-from sim.tb_gate import gate_stimulus, golden_layer
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.hw.export import port_list, to_verilog
+from edgemoe.hw.gate import Gate, gate_latency, gate_plan
+from edgemoe.hw.units import build_unit
+from edgemoe.model.config import get_preset
+from edgemoe.quant.approx import exp2_fixed, gate_fixed
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.sim.runner import lint_verilator, run_cocotb, simulator_available
+from edgemoe.sim.tb_gate import gate_stimulus, golden_layer
 
 TOP = "edgemoe_gate"
-TB = "sim.tb_gate"
+TB = "edgemoe.sim.tb_gate"
 DEFAULT_Q = get_quant_preset("edge-moe-fixed")
 DEFAULT_HW = get_hw_preset("zcu102-16x16")
 TINY = get_preset("tiny")          # E=4, k=2, 9 tokens
@@ -101,7 +101,7 @@ def test_registry_and_ports():
 
 
 def test_cli_verilog(tmp_path, capsys):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     assert main(["verilog", "--unit", "gate", "--preset", "tiny", "--out", str(tmp_path)]) == 0
     assert (tmp_path / f"{TOP}.v").exists() and "o__payload__final" in capsys.readouterr().out
 
@@ -219,14 +219,14 @@ def test_gate_verilator_edge_moe_full():
 
 # --- synthesis ------------------------------------------------------------------------------------
 def _synth_default():
-    from hw.export import to_rtlil
+    from edgemoe.hw.export import to_rtlil
     return to_rtlil(Gate(DEFAULT_Q, DEFAULT_HW, EDGE), TOP)
 
 
 @pytest.mark.slow
 def test_synth_gate_resource_baseline():
     """~1.5 min of Yosys for the E=16 unit, hence `slow` (run with -m slow)."""
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_default(), TOP, timeout_s=600)
     res["config"] = {"quant": DEFAULT_Q.name, "hw": DEFAULT_HW.name, "model": EDGE.name}
     # one DSP per lane for the interpolation (19 x 16) and one for the normalise (17 x 23)
@@ -239,8 +239,8 @@ def test_synth_gate_resource_baseline():
 def test_synth_gate_ecp5_fmax():
     """On the tiny shape (E=4): nextpnr-ecp5 (WebAssembly) does not finish the E=16 unit in
     20 min; the per-lane paths are the same."""
-    from hw.export import to_rtlil
-    from hw.synth import synth_ecp5_fmax
+    from edgemoe.hw.export import to_rtlil
+    from edgemoe.hw.synth import synth_ecp5_fmax
     res = synth_ecp5_fmax(to_rtlil(Gate(DEFAULT_Q, DEFAULT_HW, TINY), TOP), TOP, timeout_s=900)
     assert res["fmax_mhz"] is not None, res["reason"]
     assert res["fmax_mhz"] > 80

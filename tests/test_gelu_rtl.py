@@ -7,18 +7,18 @@ import time
 import numpy as np
 import pytest
 
-from hw.config import HWConfig, get_hw_preset
-from hw.export import port_list, to_verilog
-from hw.gelu import Gelu, gelu_plan
-from hw.units import build_unit
-from quant.approx import gelu_fixed, gelu_table
-from quant.config import get_quant_preset
-from quant.fixed import Fmt, Overflow, Rounding, SatCounter
-from sim.runner import lint_verilator, run_cocotb, simulator_available
-from sim.tb_gelu import gelu_interp, gelu_stimulus, phase_stimulus
+from edgemoe.hw.config import HWConfig, get_hw_preset
+from edgemoe.hw.export import port_list, to_verilog
+from edgemoe.hw.gelu import Gelu, gelu_plan
+from edgemoe.hw.units import build_unit
+from edgemoe.quant.approx import gelu_fixed, gelu_table
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, Overflow, Rounding, SatCounter
+from edgemoe.sim.runner import lint_verilator, run_cocotb, simulator_available
+from edgemoe.sim.tb_gelu import gelu_interp, gelu_stimulus, phase_stimulus
 
 TOP = "edgemoe_gelu"
-TB = "sim.tb_gelu"
+TB = "edgemoe.sim.tb_gelu"
 DEFAULT_Q = get_quant_preset("edge-moe-fixed")
 DEFAULT_HW = get_hw_preset("zcu102-16x16")
 TINY_HW = HWConfig(name="tiny-4lanes", lanes=4)
@@ -226,12 +226,12 @@ def test_gelu_verilator_default_full_random():
 
 # --- synthesis ------------------------------------------------------------------------------------------
 def _synth_default():
-    from hw.export import to_rtlil
+    from edgemoe.hw.export import to_rtlil
     return to_rtlil(Gelu(DEFAULT_Q, DEFAULT_HW), TOP)
 
 
 def test_synth_gelu_resource_baseline():
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_default(), TOP, timeout_s=300)
     res["config"] = {"quant": DEFAULT_Q.name, "hw": DEFAULT_HW.name}
     L = DEFAULT_HW.lanes
@@ -242,7 +242,7 @@ def test_synth_gelu_resource_baseline():
 
 @pytest.mark.slow
 def test_synth_gelu_ecp5_fmax():
-    from hw.synth import synth_ecp5_fmax
+    from edgemoe.hw.synth import synth_ecp5_fmax
     res = synth_ecp5_fmax(_synth_default(), TOP, timeout_s=600)
     assert res["fmax_mhz"] is not None, res["reason"]
     assert res["fmax_mhz"] > 50

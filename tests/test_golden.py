@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import get_preset
-from model.m3vit import M3ViT
-from quant import approx
-from quant.config import get_quant_preset
-from quant.fixed import Fmt
-from quant.golden import GoldenModel
-from quant.qweights import LOG2E, quantize_weights
+from edgemoe.model import get_preset
+from edgemoe.model.m3vit import M3ViT
+from edgemoe.quant import approx
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt
+from edgemoe.quant.golden import GoldenModel
+from edgemoe.quant.qweights import LOG2E, quantize_weights
 
 Q = get_quant_preset("edge-moe-fixed")
 

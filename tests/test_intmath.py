@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from quant.intmath import exact_matmul
+from edgemoe.quant.intmath import exact_matmul
 
 
 @pytest.mark.parametrize("abits,bbits,k", [(32, 16, 768), (32, 16, 192), (24, 24, 64), (17, 24, 129),

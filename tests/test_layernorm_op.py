@@ -11,16 +11,16 @@ from amaranth.hdl import Elaboratable, Module, Mux, Signal
 from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
-from hw.accel_plan import accel_plan
-from hw.config import HWConfigError, get_hw_preset
-from hw.export import port_list, to_rtlil
-from hw.layernorm_op import LayerNormOp
-from model.config import get_preset
-from quant.compiler import _ln_sizes, buffer_plan
-from quant.config import get_quant_preset
-from quant.fixed import Fmt, Overflow, Rounding
-from quant.interpreter import FlatMemory, Machine, Registers, RunStats
-from quant.program import Base, Buf, Instr, Op, encode_values
+from edgemoe.hw.accel_plan import accel_plan
+from edgemoe.hw.config import HWConfigError, get_hw_preset
+from edgemoe.hw.export import port_list, to_rtlil
+from edgemoe.hw.layernorm_op import LayerNormOp
+from edgemoe.model.config import get_preset
+from edgemoe.quant.compiler import _ln_sizes, buffer_plan
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, Overflow, Rounding
+from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, RunStats
+from edgemoe.quant.program import Base, Buf, Instr, Op, encode_values
 
 TINY = get_preset("tiny")
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hw.config import HWConfig, HWConfigError, get_hw_preset
-from hw.export import port_list, to_verilog
-from hw.layernorm import LayerNorm, layernorm_plan, mul_plan
-from hw.units import build_unit
-from model.config import get_preset
-from quant import approx
-from quant.config import get_quant_preset
-from quant.fixed import Fmt, FormatError, Overflow, Rounding
-from quant.ln_steps import layernorm_steps
-from sim.runner import lint_verilator, run_cocotb, simulator_available
-from sim.tb_layernorm import ROW_KINDS, layernorm_params_stim, layernorm_rows_stim
+from edgemoe.hw.config import HWConfig, HWConfigError, get_hw_preset
+from edgemoe.hw.export import port_list, to_verilog
+from edgemoe.hw.layernorm import LayerNorm, layernorm_plan, mul_plan
+from edgemoe.hw.units import build_unit
+from edgemoe.model.config import get_preset
+from edgemoe.quant import approx
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.quant.ln_steps import layernorm_steps
+from edgemoe.sim.runner import lint_verilator, run_cocotb, simulator_available
+from edgemoe.sim.tb_layernorm import ROW_KINDS, layernorm_params_stim, layernorm_rows_stim
 
 TOP = "edgemoe_layernorm"
-TB = "sim.tb_layernorm"
+TB = "edgemoe.sim.tb_layernorm"
 DEFAULT_Q = get_quant_preset("edge-moe-fixed")
 DEFAULT_HW = get_hw_preset("zcu102-16x16")          # L = 16
 L4_HW = HWConfig(name="ln-4lanes", lanes=4)
@@ -167,7 +167,7 @@ def test_verilator_lint(q, hw, mcfg):
 
 
 def test_cli_verilog(tmp_path, capsys):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     assert main(["verilog", "--unit", "layernorm", "--preset", "tiny", "--hw", "small-8x8",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -278,14 +278,14 @@ def test_layernorm_verilator_full_100k():
 
 # --- synthesis ------------------------------------------------------------------------------------
 def _rtlil_default():
-    from hw.export import to_rtlil
+    from edgemoe.hw.export import to_rtlil
     return to_rtlil(LayerNorm(DEFAULT_Q, DEFAULT_HW, EDGE), TOP)
 
 
 @pytest.mark.slow
 def test_synth_layernorm_resource_baseline():
     """edge-moe (D = 192), L = 16, edge-moe-fixed. About 2 min of Yosys, hence `slow`."""
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_rtlil_default(), TOP, timeout_s=900)
     res["config"] = {"quant": DEFAULT_Q.name, "hw": DEFAULT_HW.name, "model": EDGE.name}
     p = layernorm_plan(DEFAULT_Q, DEFAULT_HW, 192)
@@ -298,8 +298,8 @@ def test_synth_layernorm_resource_baseline():
 @pytest.mark.slow
 def test_synth_layernorm_ecp5_fmax():
     """A small configuration (D = 64, L = 4): the L = 16 one needs more multipliers than an ECP5-85k has."""
-    from hw.export import to_rtlil
-    from hw.synth import synth_ecp5_fmax
+    from edgemoe.hw.export import to_rtlil
+    from edgemoe.hw.synth import synth_ecp5_fmax
     res = synth_ecp5_fmax(to_rtlil(LayerNorm(DEFAULT_Q, L4_HW, TINY), TOP), TOP, timeout_s=900)
     assert res["fmax_mhz"] is not None, res["reason"]
     assert res["fmax_mhz"] > 70          # 86 MHz measured (nextpnr-ecp5 0.11, seed 1)

@@ -20,17 +20,17 @@ from amaranth.hdl import Elaboratable, Module
 from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
-from hw.accel_plan import accel_plan
-from hw.config import get_hw_preset
-from hw.linear_op import LinearOp
-from model.config import get_preset
-from quant.compiler import buffer_plan, compile_program, synthetic_state_dict
-from quant.config import get_quant_preset
-from quant.interpreter import FlatMemory, Machine, Registers, RunStats
-from quant.linear import MODES, tile_layout
-from quant.program import Buf, Index, linear_mode, stream_bytes, weight_stream
-from quant.schedule import build_expert_queues
-from sim.perf import linear_cycles
+from edgemoe.hw.accel_plan import accel_plan
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.hw.linear_op import LinearOp
+from edgemoe.model.config import get_preset
+from edgemoe.quant.compiler import buffer_plan, compile_program, synthetic_state_dict
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, RunStats
+from edgemoe.quant.linear import MODES, tile_layout
+from edgemoe.quant.program import Buf, Index, linear_mode, stream_bytes, weight_stream
+from edgemoe.quant.schedule import build_expert_queues
+from edgemoe.sim.perf import linear_cycles
 
 TINY = get_preset("tiny")
 Q = get_quant_preset("edge-moe-fixed")
@@ -332,8 +332,8 @@ def test_w8a16_weight_gaps(mode):
 def test_export_rtlil_verilog_lint():
     """LinearOp exports through hw.export (RTLIL, Verilog) with the accel_plan port names and
     widths, and the Verilog passes verilator --lint-only."""
-    from hw.export import port_list, to_rtlil, to_verilog
-    from sim.runner import lint_verilator
+    from edgemoe.hw.export import port_list, to_rtlil, to_verilog
+    from edgemoe.sim.runner import lint_verilator
     op = LinearOp(TINY, Q, HW8)
     p = op.plan
     ports = port_list(op)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ConfigError, get_preset
-from model.m3vit import M3ViT, MoE, count_params
+from edgemoe.model.config import ConfigError, get_preset
+from edgemoe.model.m3vit import M3ViT, MoE, count_params
 
 TINY = get_preset("tiny")
 EDGE = get_preset("edge-moe")

@@ -6,12 +6,12 @@ from amaranth.hdl import Elaboratable, Module
 from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
-from hw.accel_plan import accel_plan
-from hw.config import get_hw_preset
-from hw.move_op import LoadOp, StoreOp
-from model.config import get_preset
-from quant.config import get_quant_preset
-from quant.program import align, container_bytes, decode_values, encode_values
+from edgemoe.hw.accel_plan import accel_plan
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.hw.move_op import LoadOp, StoreOp
+from edgemoe.model.config import get_preset
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.program import align, container_bytes, decode_values, encode_values
 
 
 def _setup(hw, quant):

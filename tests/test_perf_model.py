@@ -5,13 +5,13 @@ import itertools
 import numpy as np
 import pytest
 
-from hw.config import get_hw_preset
-from model.config import get_preset
-from model.profile import layer_table, summary
-from quant.config import get_quant_preset
-from quant.linear import get_mode
-from sim import perf_model as pm
-from sim.perf import linear_cycles, linear_timing
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model.config import get_preset
+from edgemoe.model.profile import layer_table, summary
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.linear import get_mode
+from edgemoe.sim import perf_model as pm
+from edgemoe.sim.perf import linear_cycles, linear_timing
 
 FIXED, W8 = get_quant_preset("edge-moe-fixed"), get_quant_preset("w8a16")
 HW16, HW8 = get_hw_preset("zcu102-16x16"), get_hw_preset("small-8x8")
@@ -89,9 +89,9 @@ def test_utilisation_bounds(preset, hw):
 def test_dram_bytes_equal_compiler_traffic():
     """The model's DRAM bytes are dram_traffic of the REAL compiled program for the same
     (golden) routing, per instruction and in total."""
-    from quant.compiler import compile_program, dram_traffic, synthetic_state_dict
-    from quant.golden import GoldenModel
-    from quant.qweights import quantize_weights
+    from edgemoe.quant.compiler import compile_program, dram_traffic, synthetic_state_dict
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.qweights import quantize_weights
     cfg = get_preset("tiny")
     sd = synthetic_state_dict(cfg, 1)
     prog = compile_program(cfg, FIXED, HW16, sd)

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from model.config import ConfigError, get_preset
-from model.profile import layer_table, routing_profile, summary
-from sim.cli import main as cli_main
+from edgemoe.model.config import ConfigError, get_preset
+from edgemoe.model.profile import layer_table, routing_profile, summary
+from edgemoe.sim.cli import main as cli_main
 
 EDGE = get_preset("edge-moe")
 TINY = get_preset("tiny")
@@ -138,7 +138,7 @@ def test_matches_the_float_network(cfg):
     """Parameters = the network's backbone parameters; MACs = half the FLOPs torch counts while
     the network runs (conv, linear, attention matmuls, per-expert gathered linears, router)."""
     torch = pytest.importorskip("torch")
-    m3vit = pytest.importorskip("model.m3vit")
+    m3vit = pytest.importorskip("edgemoe.model.m3vit")
     from torch.utils.flop_counter import FlopCounterMode
 
     model = m3vit.M3ViT(cfg, seed=0).eval()
@@ -153,7 +153,7 @@ def test_matches_the_float_network(cfg):
 
 def test_edge_moe_params_match_network():
     torch = pytest.importorskip("torch")
-    m3vit = pytest.importorskip("model.m3vit")
+    m3vit = pytest.importorskip("edgemoe.model.m3vit")
     model = m3vit.M3ViT(EDGE, seed=None)          # uninitialised: shapes only, fast
     assert m3vit.count_params(model) == EDGE_PARAMS
 
@@ -195,7 +195,7 @@ def test_routing_profile_bad_input():
 
 def test_routing_profile_of_the_network():
     torch = pytest.importorskip("torch")
-    m3vit = pytest.importorskip("model.m3vit")
+    m3vit = pytest.importorskip("edgemoe.model.m3vit")
     model = m3vit.M3ViT(TINY, seed=3).eval()
     x = torch.rand(2, 3, TINY.img_h, TINY.img_w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_cli_json(tmp_path, capsys, preset, bits, task):
 
 
 def test_cli_routing_tiny(tmp_path, capsys):
-    pytest.importorskip("model.m3vit")
+    pytest.importorskip("edgemoe.model.m3vit")
     out = tmp_path / "r.json"
     assert cli_main(["profile", "--preset", "tiny", "--routing", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
@@ -258,7 +258,7 @@ def test_cli_bad_preset():
 
 def test_cli_routing_fallback_image(tmp_path, monkeypatch, capsys):
     """Without the shared Cityscapes image the command uses matplotlib's sample photo."""
-    pytest.importorskip("model.m3vit")
+    pytest.importorskip("edgemoe.model.m3vit")
     monkeypatch.setenv("EDGEMOE_SHARED", str(tmp_path))      # no edge-moe-cityscapes there
     assert cli_main(["profile", "--preset", "tiny", "--routing"]) == 0
     assert "grace_hopper.jpg resized" in capsys.readouterr().out
@@ -266,13 +266,13 @@ def test_cli_routing_fallback_image(tmp_path, monkeypatch, capsys):
 
 def test_cli_routing_without_network(monkeypatch):
     import sys
-    monkeypatch.setitem(sys.modules, "model.m3vit", None)     # import now fails
+    monkeypatch.setitem(sys.modules, "edgemoe.model.m3vit", None)     # import now fails
     with pytest.raises(SystemExit, match="needs the float network model.m3vit.M3ViT"):
         cli_main(["profile", "--preset", "tiny", "--routing"])
 
 
 def test_cli_bad_bin_image(tmp_path):
-    pytest.importorskip("model.m3vit")
+    pytest.importorskip("edgemoe.model.m3vit")
     bad = tmp_path / "x.bin"
     np.zeros(10, dtype="<f4").tofile(bad)
     with pytest.raises(ValueError, match="holds 10 float32 values"):

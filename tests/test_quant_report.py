@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import get_preset
-from model.checkpoint import default_edge_moe_dir
-from quant.config import EDGE_MOE_FIXED, W8A16
-from quant.golden import GoldenModel
-from quant.qweights import quantize_weights
-from quant.report import RANDOM_EXPERTS, _routing_changes, load_weights, metrics
-from sim.cli import main
+from edgemoe.model import get_preset
+from edgemoe.model.checkpoint import default_edge_moe_dir
+from edgemoe.quant.config import EDGE_MOE_FIXED, W8A16
+from edgemoe.quant.golden import GoldenModel
+from edgemoe.quant.qweights import quantize_weights
+from edgemoe.quant.report import RANDOM_EXPERTS, _routing_changes, load_weights, metrics
+from edgemoe.sim.cli import main
 
 REAL = default_edge_moe_dir()
 
@@ -83,7 +83,7 @@ def test_cli_tiny_writes_json_and_png(tiny_report):
 def test_cli_tiny_final_metrics_match_an_independent_run(tiny_report):
     """The JSON's final cosine/MSE equal a direct golden vs float computation."""
     out, rep = tiny_report
-    from model.images import load_image
+    from edgemoe.model.images import load_image
     cfg = get_preset("tiny")
     w = load_weights(cfg, "seeded")
     x, _ = load_image(cfg)

@@ -5,8 +5,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_tiny(tmp_path):
-    from sim.cli import main
-    from sim.cmd_bench import _Rapl
+    from edgemoe.sim.cli import main
+    from edgemoe.sim.cmd_bench import _Rapl
     out = tmp_path / "rep"
     assert main(["report", "--preset", "tiny", "--quant", "edge-moe-fixed", "--cpu-iters", "3",
                  "--out", str(out)]) == 0

@@ -10,18 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hw.config import HWConfig, get_hw_preset
-from hw.export import port_list, to_verilog
-from hw.requant import Requant
-from hw.units import build_unit
-from quant.config import get_quant_preset
-from quant.epilogue import requant_golden, requant_plan
-from quant.fixed import Fmt, FormatError, Overflow, Rounding
-from sim.runner import lint_verilator, run_cocotb, simulator_available
-from sim.tb_requant import requant_stimulus
+from edgemoe.hw.config import HWConfig, get_hw_preset
+from edgemoe.hw.export import port_list, to_verilog
+from edgemoe.hw.requant import Requant
+from edgemoe.hw.units import build_unit
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.epilogue import requant_golden, requant_plan
+from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.sim.runner import lint_verilator, run_cocotb, simulator_available
+from edgemoe.sim.tb_requant import requant_stimulus
 
 TOP = "edgemoe_requant"
-TB = "sim.tb_requant"
+TB = "edgemoe.sim.tb_requant"
 DEFAULT_Q = get_quant_preset("edge-moe-fixed")
 DEFAULT_HW = get_hw_preset("zcu102-16x16")
 TINY_HW = HWConfig(name="tiny-4lanes", lanes=4)
@@ -209,12 +209,12 @@ def test_requant_icarus_left_shift():
 
 # --- synthesis ------------------------------------------------------------------------------------
 def _synth_default():
-    from hw.export import to_rtlil
+    from edgemoe.hw.export import to_rtlil
     return to_rtlil(Requant(DEFAULT_Q, DEFAULT_HW), TOP)
 
 
 def test_synth_requant_resource_baseline():
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_default(), TOP, timeout_s=300)
     res["config"] = {"quant": DEFAULT_Q.name, "hw": DEFAULT_HW.name}
     L = DEFAULT_HW.lanes
@@ -227,7 +227,7 @@ def test_synth_requant_resource_baseline():
 
 @pytest.mark.slow
 def test_synth_requant_ecp5_fmax():
-    from hw.synth import synth_ecp5_fmax
+    from edgemoe.hw.synth import synth_ecp5_fmax
     res = synth_ecp5_fmax(_synth_default(), TOP, timeout_s=300)
     assert res["fmax_mhz"] is not None, res["reason"]
     assert res["fmax_mhz"] > 50

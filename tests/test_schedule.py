@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from quant.schedule import (Cycle, ScheduleError, active_experts, attention_cycles,
+from edgemoe.quant.schedule import (Cycle, ScheduleError, active_experts, attention_cycles,
                             attention_schedule, build_expert_queues, expert_execution_order,
                             row_key_order, schedule_stats, scatter_order)
 

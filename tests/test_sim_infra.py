@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hw.synth import check_synth_baseline, xilinx_summary
-from sim.tb_common import first_mismatch, pack_lanes, unpack_lanes
-from sim.verilator_env import setup_verilator_env
+from edgemoe.hw.synth import check_synth_baseline, xilinx_summary
+from edgemoe.sim.tb_common import first_mismatch, pack_lanes, unpack_lanes
+from edgemoe.sim.verilator_env import setup_verilator_env
 
 
 @given(bits=st.integers(2, 64), data=st.data())

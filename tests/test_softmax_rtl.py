@@ -7,19 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hw.config import HWConfig, get_hw_preset
-from hw.export import port_list, to_rtlil, to_verilog
-from hw.softmax import SoftmaxStats, exp2_plan, recip_plan, softmax_m_bits
-from hw.softmax_norm import SoftmaxNorm
-from hw.units import build_unit
-from model.config import get_preset
-from quant.approx import exp_sum_fmt, softmax_normalise, softmax_stats
-from quant.config import get_quant_preset
-from quant.fixed import Fmt, FormatError, Overflow, Rounding
-from quant.schedule import attention_cycles, row_key_order
-from sim.runner import lint_verilator, run_cocotb, simulator_available
-from sim.tb_softmax import ROW_KINDS, schedule_beats, softmax_expected, softmax_scores
-from sim.tb_softmax_norm import norm_expected, norm_stimulus
+from edgemoe.hw.config import HWConfig, get_hw_preset
+from edgemoe.hw.export import port_list, to_rtlil, to_verilog
+from edgemoe.hw.softmax import SoftmaxStats, exp2_plan, recip_plan, softmax_m_bits
+from edgemoe.hw.softmax_norm import SoftmaxNorm
+from edgemoe.hw.units import build_unit
+from edgemoe.model.config import get_preset
+from edgemoe.quant.approx import exp_sum_fmt, softmax_normalise, softmax_stats
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.quant.schedule import attention_cycles, row_key_order
+from edgemoe.sim.runner import lint_verilator, run_cocotb, simulator_available
+from edgemoe.sim.tb_softmax import ROW_KINDS, schedule_beats, softmax_expected, softmax_scores
+from edgemoe.sim.tb_softmax_norm import norm_expected, norm_stimulus
 
 DEFAULT_Q = get_quant_preset("edge-moe-fixed")
 DEFAULT_HW = get_hw_preset("zcu102-16x16")
@@ -133,7 +133,7 @@ def run_stats(q, P, mcfg, simulator="verilator", gap=0.0, stall=0.0, seed=1, kin
     cfg = {"qcfg": q.to_dict(), "hwcfg": hw.to_dict(), "n": n, "heads": heads,
            "stim_seed": seed + 100, "gap_prob": gap, "stall_prob": stall, "kinds": list(kinds)}
     unit = SoftmaxStats(q, hw, n, heads)
-    res = run_cocotb(unit, "edgemoe_softmax", "sim.tb_softmax", simulator=simulator,
+    res = run_cocotb(unit, "edgemoe_softmax", "edgemoe.sim.tb_softmax", simulator=simulator,
                      tb_config=cfg, seed=seed, timeout_s=300)
     assert res["compared"] == res["rows"] == n * heads
     assert res["beats"] == attention_cycles(n, P, heads)
@@ -193,7 +193,7 @@ def test_stats_testbench_catches_wrong_rounding():
            "kinds": ["growing", "normal"]}
     wrong = SoftmaxStats(q.replace(rounding=Rounding.TRUNC), hw, TINY.num_tokens, TINY.heads)
     with pytest.raises(AssertionError, match=r"first mismatch at row .*head \d+ row \d+"):
-        run_cocotb(wrong, "edgemoe_softmax", "sim.tb_softmax", tb_config=cfg, timeout_s=300)
+        run_cocotb(wrong, "edgemoe_softmax", "edgemoe.sim.tb_softmax", tb_config=cfg, timeout_s=300)
 
 
 def test_stats_icarus_tiny():
@@ -239,7 +239,7 @@ def run_norm(q, hw, n_beats, simulator="verilator", gap=0.3, stall=0.3, seed=1):
     _need(simulator)
     cfg = {"qcfg": q.to_dict(), "hwcfg": hw.to_dict(), "n_beats": n_beats, "stim_seed": seed + 100,
            "gap_prob": gap, "stall_prob": stall}
-    res = run_cocotb(SoftmaxNorm(q, hw), "edgemoe_softmax_norm", "sim.tb_softmax_norm",
+    res = run_cocotb(SoftmaxNorm(q, hw), "edgemoe_softmax_norm", "edgemoe.sim.tb_softmax_norm",
                      simulator=simulator, tb_config=cfg, seed=seed, timeout_s=300)
     s, m, recip = norm_stimulus(q, hw.lanes, n_beats, seed + 100)
     _, sat = norm_expected(s, m, recip, q)
@@ -280,7 +280,7 @@ def _synth_norm():
 
 
 def test_synth_softmax_resource_baseline():
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_stats(), "edgemoe_softmax", timeout_s=300)
     res["config"] = {"quant": DEFAULT_Q.name, "hw": DEFAULT_HW.name, "model": EDGE.name}
     P = DEFAULT_HW.attn_p
@@ -291,7 +291,7 @@ def test_synth_softmax_resource_baseline():
 
 
 def test_synth_softmax_norm_resource_baseline():
-    from hw.synth import check_synth_baseline, synth_xilinx
+    from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_norm(), "edgemoe_softmax_norm", timeout_s=300)
     res["config"] = {"quant": DEFAULT_Q.name, "hw": DEFAULT_HW.name}
     L = DEFAULT_HW.lanes
@@ -304,7 +304,7 @@ def test_synth_softmax_norm_resource_baseline():
 @pytest.mark.slow
 @pytest.mark.parametrize("unit", ["softmax", "softmax_norm"])
 def test_synth_softmax_ecp5_fmax(unit):
-    from hw.synth import synth_ecp5_fmax
+    from edgemoe.hw.synth import synth_ecp5_fmax
     rtl = _synth_stats() if unit == "softmax" else _synth_norm()
     res = synth_ecp5_fmax(rtl, f"edgemoe_{unit}", timeout_s=600)
     assert res["fmax_mhz"] is not None, res["reason"]

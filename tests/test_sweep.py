@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sim import sweep as sw
+from edgemoe.sim import sweep as sw
 
 TINY_GRID = {"tiles": ["8x8", "16x16", "32x32"], "attn_p": [1, 4], "quant": ["edge-moe-fixed", "w8a16"],
              "dram_gbps": [4.8, 19.2], "axi_bits": [256]}
@@ -80,7 +80,7 @@ def test_grid_errors():
 
 
 def test_sweep_cli_writes_json_and_png(tmp_path):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     assert main(["sweep", "--preset", "tiny", "--tiles", "8x8,16x16", "--attn-p", "4", "--quant", "w8a16",
                  "--dram-gbps", "19.2", "--axi-bits", "256,512", "--workers", "2", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "sweep.json").read_text())
@@ -98,9 +98,9 @@ def test_synth_results_replace_estimates(monkeypatch):
     monkeypatch.setattr(sw, "synth_units", fake_synth)
 
     def est(p):
-        from model.config import get_preset
-        from quant.config import get_quant_preset
-        from sim.resources import estimate_resources
+        from edgemoe.model.config import get_preset
+        from edgemoe.quant.config import get_quant_preset
+        from edgemoe.sim.resources import estimate_resources
         return estimate_resources(get_preset("tiny"), get_quant_preset(p["quant"]), sw.point_hw(p))
     res = sw.run_sweep("tiny", {"tiles": ["8x8", "16x16"], "attn_p": [4], "quant": ["w8a16"],
                                 "dram_gbps": [19.2], "axi_bits": [256]}, synth=True)
@@ -115,10 +115,10 @@ def test_synth_results_replace_estimates(monkeypatch):
 def test_synthesised_attention_engine_replaces_its_softmax_parts():
     """--synth synthesises the whole attention engine (hw/attention.py): its result stands for
     attention_qk and the SoftmaxStats / SoftmaxNorm entries inside it drop to 0 (no double count)."""
-    from model.config import get_preset
-    from quant.config import get_quant_preset
-    from hw.config import get_hw_preset
-    from sim.resources import estimate_resources
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.sim.resources import estimate_resources
     assert sw.SYNTH_UNITS["attention"] == "attention_qk" and "softmax" not in sw.SYNTH_UNITS
     cfg, q, hw = get_preset("tiny"), get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
     base = estimate_resources(cfg, q, hw)

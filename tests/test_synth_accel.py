@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from hw.synth import SynthError
-from hw.synth_accel import (CORE, TOP, last_pass, parse_stat, result_dict, run_yosys_progress,
+from edgemoe.hw.synth import SynthError
+from edgemoe.hw.synth_accel import (CORE, TOP, last_pass, parse_stat, result_dict, run_yosys_progress,
                             submodules_in, synth_script)
 
 SUBS = ["attention", "axil", "axim", "gate", "layernorm", "linear", "load", "store"]
@@ -68,7 +68,7 @@ def test_parse_stat_totals_groups_and_buffers():
 
 
 def test_memory_mapping_from_the_log():
-    from hw.synth_accel import memory_mapping
+    from edgemoe.hw.synth_accel import memory_mapping
     log = ("5.34. Executing MEMORY_LIBMAP pass (mapping memories to cells).\n"
            f"mapping memory {CORE}.buf_X via $__XILINX_BLOCKRAM_SDP_\n"
            f"mapping memory {CORE}.queue via $__XILINX_LUTRAM_SDP_\n"
@@ -98,10 +98,10 @@ def test_parse_stat_without_top_names_the_modules():
 
 
 def test_result_has_budget_percentages_and_estimate():
-    from hw.config import get_hw_preset
-    from hw.synth_accel import format_result
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.hw.synth_accel import format_result
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
     cfg, q = get_preset("tiny"), get_quant_preset("edge-moe-fixed")
     hw = get_hw_preset("small-8x8").replace(act_buffer_tokens=16)
     res = result_dict(parse_stat(_canned_stat()), cfg, q, hw, "xcup", synth_script(SUBS), 1.0)
@@ -109,7 +109,7 @@ def test_result_has_budget_percentages_and_estimate():
     assert res["utilisation_pct"]["dsp"] == round(100 * 9 / 2520, 2)
     assert res["utilisation_pct"]["bram36"] == round(100 * 4.5 / 912, 2)
     assert res["config"]["act_buffer_tokens"] == 16 and res["lut"] == 123
-    from sim.resources import estimate_resources
+    from edgemoe.sim.resources import estimate_resources
     est = estimate_resources(cfg, q, hw)
     assert res["estimate"]["total"] == est["total"]
     assert res["estimate"]["groups"]["linear"]["dsp"] == (est["units"]["mac_array"]["dsp"]
@@ -126,7 +126,7 @@ def _fake_yosys(tmp_path, monkeypatch, body):
     """Replace the Yosys child with a Python script `body` (run in the work directory)."""
     def popen(cmd, **kw):
         return _POPEN([sys.executable, "-c", body], **kw)
-    monkeypatch.setattr("hw.synth_accel.subprocess.Popen", popen)
+    monkeypatch.setattr("edgemoe.hw.synth_accel.subprocess.Popen", popen)
 
 
 def test_progress_reports_the_current_pass(tmp_path, monkeypatch):
@@ -156,7 +156,7 @@ def test_failure_and_timeout_name_the_pass(tmp_path, monkeypatch):
 def test_cli_top_runs_the_script_and_writes_json(tmp_path, monkeypatch, capsys):
     """The command elaborates the real tiny top, writes run.ys, runs 'yosys' (a fake that checks
     the script and writes the canned stat.json) and prints / writes the result."""
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     stat = json.dumps(_canned_stat())
     _fake_yosys(tmp_path, monkeypatch,
                 "import sys\ns = open('run.ys').read()\n"
@@ -182,7 +182,7 @@ def test_cli_top_runs_the_script_and_writes_json(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_argument_errors(capsys):
-    from sim.cli import main
+    from edgemoe.sim.cli import main
     assert main(["synth"]) == 2
     assert main(["synth", "--top", "--unit", "gelu"]) == 2
     assert main(["synth", "--unit", "gelu", "--target", "ecp5"]) == 2
@@ -195,11 +195,11 @@ def test_cli_argument_errors(capsys):
 def test_synth_accel_tiny_resource_baseline(tmp_path):
     """Real Yosys synth_xilinx of the tiny accelerator on small-8x8 with 16-token buffers
     (several minutes, hence `slow`), against tests/baselines/synth_accel_tiny.json."""
-    from hw.config import get_hw_preset
-    from hw.synth import check_synth_baseline
-    from hw.synth_accel import synth_accel
-    from model.config import get_preset
-    from quant.config import get_quant_preset
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.hw.synth import check_synth_baseline
+    from edgemoe.hw.synth_accel import synth_accel
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
     cfg, q = get_preset("tiny"), get_quant_preset("edge-moe-fixed")
     hw = get_hw_preset("small-8x8").replace(act_buffer_tokens=16)
     res = synth_accel(cfg, q, hw, workdir=tmp_path, timeout_s=3600, progress=None)
@@ -220,10 +220,10 @@ def test_resource_model_matches_synthesised_top():
     the whole edge-moe top (tests/baselines/synth_accel_edge_moe.json): within 10 % per resource."""
     import json
     from pathlib import Path
-    from hw.config import get_hw_preset
-    from model.config import get_preset
-    from quant.config import get_quant_preset
-    from sim.resources import estimate_resources
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.sim.resources import estimate_resources
     syn = json.loads((Path(__file__).parent / "baselines" / "synth_accel_edge_moe.json").read_text())
     est = estimate_resources(get_preset("edge-moe"), get_quant_preset("edge-moe-fixed"),
                              get_hw_preset("zcu102-16x16"))["total"]
@@ -232,7 +232,7 @@ def test_resource_model_matches_synthesised_top():
 
 
 def test_fit_problems_name_the_resource():
-    from hw.synth_accel import fit_problems
+    from edgemoe.hw.synth_accel import fit_problems
     res = {"lut": 100, "ff": 10, "dsp": 3000, "bram36": 5,
            "budget": {"name": "xczu9eg", "lut": 274080, "ff": 548160, "dsp": 2520, "bram36": 912},
            "utilisation_pct": {"lut": 0.04, "ff": 0.0, "dsp": 119.05, "bram36": 0.5}}

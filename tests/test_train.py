@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import DEPTH_MAX, DEPTH_MIN, NUM_CLASSES
-from model.evaluate import (
+from edgemoe.model.data import DEPTH_MAX, DEPTH_MIN, NUM_CLASSES
+from edgemoe.model.evaluate import (
     baselines, codes_backend, confusion_matrix, depth_metrics, evaluate_backend, float_backend,
     load_split, load_trained, predict_from_features, routing_changes, routing_stats, seg_metrics,
 )
-from model.train import (
+from edgemoe.model.train import (
     Recipe, balance_loss, cv_squared, depth_from_output, depth_to_target, importance, lr_at,
     make_cache, smooth_load, train, training_config,
 )
@@ -95,8 +95,8 @@ def test_balance_loss_zero_when_balanced_positive_otherwise():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from model.checkpoint import save_checkpoint
-    from model.m3vit import M3ViT
+    from edgemoe.model.checkpoint import save_checkpoint
+    from edgemoe.model.m3vit import M3ViT
 
     cfg = training_config("tiny")
     model = M3ViT(cfg, seed=3).eval()
@@ -177,7 +177,7 @@ def test_shipped_checkpoint_float_metrics():
 
 def test_codes_backend_hook_matches_float_when_exact():
     """The RTL hook: integer codes in act format, dequantised, then the float heads."""
-    from quant.config import get_quant_preset
+    from edgemoe.quant.config import get_quant_preset
 
     model, cfg, sd, _ = _tiny()
     act = get_quant_preset("edge-moe-fixed").act
@@ -208,8 +208,8 @@ GOLDEN_BOUNDS = {"edge-moe-fixed": {"miou": 0.005, "rmse": 0.05, "routing": 0.03
 def test_shipped_checkpoint_golden_close_to_float(tmp_path):
     import json
 
-    from model.evaluate import evaluate_checkpoint
-    from quant.config import QUANT_PRESETS
+    from edgemoe.model.evaluate import evaluate_checkpoint
+    from edgemoe.quant.config import QUANT_PRESETS
 
     presets = tuple(p for p in GOLDEN_BOUNDS if p in QUANT_PRESETS)
     assert "edge-moe-fixed" in presets
@@ -233,7 +233,7 @@ def test_shipped_checkpoint_golden_close_to_float(tmp_path):
 def test_cli_train_and_eval(tmp_path, capsys):
     import json
 
-    from sim.cli import main
+    from edgemoe.sim.cli import main
 
     out = tmp_path / "t.pt"
     assert main(["train", "--preset", "tiny", "--steps", "3", "--batch", "2", "--train-n", "4",
@@ -242,7 +242,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     model, cfg, sd, meta = load_trained(out)
     assert meta["steps"] == 3 and meta["recipe"]["batch"] == 2 and "train" in meta["command"]
     assert set(meta["losses"]) == {"semseg", "depth", "balance", "total"}
-    from model.checkpoint import fold_cls_token, import_edge_moe_bins
+    from edgemoe.model.checkpoint import fold_cls_token, import_edge_moe_bins
     back = import_edge_moe_bins(cfg, tmp_path / "bins")
     folded = fold_cls_token(sd)                       # the bin format folds cls_token into pos_embed
     for k, v in back.state_dict.items():
