@@ -10,7 +10,7 @@ over the AXI4 master and executes it one instruction at a time on:
              RB: destination reads, WA: destination writes) and receive DRAM beats (weights,
              LayerNorm parameters, rows) from the AXI master's read stream.
   AXI4 master (hw/axi.py): instruction fetch, weight / parameter / row reads, STORE writes.
-  AXI4-Lite slave: the register map of sim/driver.py (REGMAP_VERSION 1).
+  AXI4-Lite slave: the register map of sim/regmap.rdl (offsets from the generated sim/regs.py).
 Semantics = quant/interpreter.py Machine (the Python executor), bit for bit: buffer contents,
 the OUTPUT region, and the error code / pc of a bad program (for the checks listed below).
 
@@ -53,7 +53,7 @@ from edgemoe.quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGA
                            FIELDS, INSTR_BYTES, ISA_VERSION, LOAD_ADD, USED, Buf, Flag, Op,
                            _RESERVED, config_hash)
 
-from edgemoe.sim import driver as drv
+from edgemoe.sim import regs
 
 from .accel_plan import accel_plan
 from .axi import AxiLiteSlave, AxiMaster, axi4_signature, axil_signature
@@ -61,9 +61,8 @@ from .config import HWConfig, HWConfigError
 
 MAX_INSTRUCTIONS = 1 << 20
 BUFS = ("X", "H", "W", "L")
-# register map (sim/driver.py)
-# the register map is sim/driver.py's (one definition for the host driver and the hardware)
-REG_BASES = (drv.PROGRAM_BASE, drv.WEIGHTS_BASE, drv.IMAGE_BASE, drv.OUTPUT_BASE)   # LO; HI at +4
+# register offsets: sim/regs.py, generated from sim/regmap.rdl (the host driver uses the same)
+REG_BASES = (regs.PROGRAM_BASE, regs.WEIGHTS_BASE, regs.IMAGE_BASE, regs.OUTPUT_BASE)   # LO; HI at +4
 
 
 def _field(words, name):
@@ -148,7 +147,7 @@ class Accelerator(wiring.Component):
         bases = [Signal(64, name=f"base{i}") for i in range(4)]
         cycles, rbytes, wbytes = Signal(64), Signal(64), Signal(64)
         sat, retired = Signal(32), Signal(32)
-        counters64 = {drv.CYCLE_COUNT: cycles, drv.DRAM_BYTES_READ: rbytes, drv.DRAM_BYTES_WRITTEN: wbytes}
+        counters64 = {regs.CYCLE_COUNT: cycles, regs.DRAM_BYTES_READ: rbytes, regs.DRAM_BYTES_WRITTEN: wbytes}
         hi_latch = Signal(32)
         start_req = Signal()     # START written; taken once the AXI master is idle (the beats of
                                  # a transfer aborted by an error drain first)
@@ -156,10 +155,10 @@ class Accelerator(wiring.Component):
 
         with m.If(axil.wr_en):
             with m.Switch(axil.wr_addr):
-                with m.Case(drv.CTRL):
+                with m.Case(regs.CTRL):
                     with m.If(axil.wr_data[0] & ~busy):
                         m.d.sync += [start_req.eq(1), done.eq(0), error.eq(0)]
-                with m.Case(drv.TASK_ID):
+                with m.Case(regs.TASK_ID):
                     m.d.sync += task.eq(axil.wr_data)
                 for i, a in enumerate(REG_BASES):
                     with m.Case(a):
@@ -170,13 +169,13 @@ class Accelerator(wiring.Component):
         m.d.comb += axil.rd_data.eq(rd_val)
         with m.If(axil.rd_en):
             with m.Switch(axil.rd_addr):
-                regs = {drv.ID: drv.ACCEL_ID, drv.VERSION: ISA_VERSION << 16 | drv.REGMAP_VERSION,
-                        drv.STATUS: Cat(busy | start_req, done, error), drv.ERROR_CODE: err_code,
-                        drv.ERROR_PC: err_pc, drv.TASK_ID: task, drv.CONFIG_HASH: config_hash(q, hw),
-                        drv.SAT_COUNT: sat, drv.INSTR_COUNT: retired}
+                readable = {regs.ID: regs.ACCEL_ID, regs.VERSION: ISA_VERSION << 16 | regs.REGMAP_VERSION,
+                            regs.STATUS: Cat(busy | start_req, done, error), regs.ERROR_CODE: err_code,
+                            regs.ERROR_PC: err_pc, regs.TASK_ID: task, regs.CONFIG_HASH: config_hash(q, hw),
+                            regs.SAT_COUNT: sat, regs.INSTR_COUNT: retired}
                 for i, a in enumerate(REG_BASES):
-                    regs[a], regs[a + 4] = bases[i][:32], bases[i][32:]
-                for a, v in regs.items():
+                    readable[a], readable[a + 4] = bases[i][:32], bases[i][32:]
+                for a, v in readable.items():
                     with m.Case(a):
                         m.d.sync += rd_val.eq(v)
                 for a, c in counters64.items():

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quant-report": ("edgemoe.sim.cmd_quant_report", "golden vs float fidelity per layer (SQNR, cosine, routing) + PNG"),
     "simulate": ("edgemoe.sim.cmd_simulate", "whole-inference RTL simulation of the accelerator (cocotb + Verilator), bit-exact check, cycles"),
     "compile": ("edgemoe.sim.cmd_compile", "compile a model to the accelerator's program + memory image"),
+    "export": ("edgemoe.sim.cmd_export", "Verilog, FuseSoC core, Vivado project Tcl, IP-XACT, C header and program for a board"),
     "energy": ("edgemoe.sim.cmd_energy", "accelerator latency/energy estimate vs CPU (measured), GPU (bench JSON), Edge-MoE"),
     "sweep": ("edgemoe.sim.cmd_sweep", "design-space sweep (tiles, P, quant, bandwidth) via Dask -> Pareto front"),
     "report": ("edgemoe.sim.cmd_report", "one folder: latency/energy/resources/fidelity/Pareto PNGs + JSON + report.md"),

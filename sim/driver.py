@@ -13,27 +13,14 @@ differ in how they perform a request. The cocotb backend is sim/dram.py's Cocotb
 (AXI4-Lite master for MMIO, the AXI4 DRAM model's array as the memory, ClockCycles for sleep);
 sim/tb_accel.py runs AsyncAcceleratorDriver through it against the RTL top.
 
-Register map (AXI4-Lite, 32-bit registers, byte offsets; REGMAP_VERSION 1)
-----------------------------------------------------------------------
-  0x00 ID                 RO  0x454D4F45 ("EMOE")
-  0x04 VERSION            RO  ISA_VERSION << 16 | REGMAP_VERSION
-  0x08 CTRL               WO  bit0 START (ignored while busy; clears DONE/ERROR and the counters)
-  0x0C STATUS             RO  bit0 BUSY, bit1 DONE, bit2 ERROR
-  0x10 ERROR_CODE         RO  quant.program ERR_* (0: none)
-  0x14 ERROR_PC           RO  pc of the failing instruction
-  0x18 TASK_ID            RW  task whose router the program's Index.TASK instructions use
-  0x1C CONFIG_HASH        RO  quant.program.config_hash(QuantConfig, HWConfig) of the hardware
-  0x20 / 0x24 PROGRAM_BASE_LO / _HI   RW  bus address of instruction 0
-  0x28 / 0x2C WEIGHTS_BASE_LO / _HI   RW  base of Base.WEIGHTS addresses
-  0x30 / 0x34 IMAGE_BASE_LO / _HI     RW  base of Base.IMAGE (patch rows of the input image)
-  0x38 / 0x3C OUTPUT_BASE_LO / _HI    RW  base of Base.OUTPUT (features)
-  0x40 / 0x44 CYCLE_COUNT_LO / _HI        RO  cycles from START to done (PythonBackend: it has no
-                                              clock, one "cycle" per retired instruction)
-  0x48 / 0x4C DRAM_BYTES_READ_LO / _HI    RO  bytes read on the AXI master (fetch + data)
-  0x50 / 0x54 DRAM_BYTES_WRITTEN_LO / _HI RO  bytes written on the AXI master
-  0x58 SAT_COUNT          RO  saturation events of the run (saturates at 2**32-1)
-  0x5C INSTR_COUNT        RO  instructions retired (loop bodies once per expert)
-64-bit counters: reading _LO latches _HI, so read LO then HI.
+Register map (AXI4-Lite, 32-bit registers, byte offsets): described once in sim/regmap.rdl
+(SystemRDL); the offsets and fields below come from the generated sim/regs.py, which the RTL
+(hw/accel.py) imports too. Documentation: `python -m edgemoe.sim.regmap --docs DIR`
+(DIR/edgemoe_regs.md) or an `edgemoe export` folder's doc/registers.md. In short: ID, VERSION
+(ISA_VERSION << 16 | REGMAP_VERSION), CTRL.START, STATUS (BUSY, DONE, ERROR), ERROR_CODE,
+ERROR_PC, TASK_ID, CONFIG_HASH, the four region bases and the 64-bit counters as LO/HI pairs
+(reading LO latches HI, so read LO then HI), SAT_COUNT, INSTR_COUNT. The PythonBackend has no
+clock: its CYCLE_COUNT is one "cycle" per retired instruction.
 
 Run sequence (AcceleratorDriver.run): quantise the image (QuantConfig.act, as the golden model),
 im2col to patch rows, write them to the image region; write TASK_ID and the four bases; START;
@@ -54,21 +41,11 @@ from edgemoe.quant.program import (ERROR_NAMES, ISA_VERSION, REGION_ALIGN, Progr
                            config_hash, container_bytes, decode_values, encode_values,
                            image_patch_codes, quantise_image)
 
-REGMAP_VERSION = 1
-ACCEL_ID = 0x454D4F45
-
-ID, VERSION, CTRL, STATUS, ERROR_CODE, ERROR_PC, TASK_ID, CONFIG_HASH = range(0, 0x20, 4)
-PROGRAM_BASE, WEIGHTS_BASE, IMAGE_BASE, OUTPUT_BASE = 0x20, 0x28, 0x30, 0x38
-CYCLE_COUNT, DRAM_BYTES_READ, DRAM_BYTES_WRITTEN = 0x40, 0x48, 0x50
-SAT_COUNT, INSTR_COUNT = 0x58, 0x5C
-CTRL_START = 1
-STATUS_BUSY, STATUS_DONE, STATUS_ERROR = 1, 2, 4
-REGISTERS = {"ID": ID, "VERSION": VERSION, "CTRL": CTRL, "STATUS": STATUS, "ERROR_CODE": ERROR_CODE,
-             "ERROR_PC": ERROR_PC, "TASK_ID": TASK_ID, "CONFIG_HASH": CONFIG_HASH,
-             "PROGRAM_BASE": PROGRAM_BASE, "WEIGHTS_BASE": WEIGHTS_BASE, "IMAGE_BASE": IMAGE_BASE,
-             "OUTPUT_BASE": OUTPUT_BASE, "CYCLE_COUNT": CYCLE_COUNT,
-             "DRAM_BYTES_READ": DRAM_BYTES_READ, "DRAM_BYTES_WRITTEN": DRAM_BYTES_WRITTEN,
-             "SAT_COUNT": SAT_COUNT, "INSTR_COUNT": INSTR_COUNT}
+from . import regs
+from .regs import (ACCEL_ID, CONFIG_HASH, CTRL, CTRL_START, CYCLE_COUNT, DRAM_BYTES_READ,  # noqa: F401
+                   DRAM_BYTES_WRITTEN, ERROR_CODE, ERROR_PC, ID, IMAGE_BASE, INSTR_COUNT, OUTPUT_BASE,
+                   PROGRAM_BASE, REGMAP_VERSION, SAT_COUNT, STATUS, STATUS_BUSY, STATUS_DONE,
+                   STATUS_ERROR, TASK_ID, VERSION, WEIGHTS_BASE)
 
 
 class MMIO(Protocol):
@@ -281,9 +258,7 @@ class PythonMMIO:
 
     def __init__(self, backend: "PythonBackend", busy_polls: int = 1):
         self.b, self.busy_polls = backend, busy_polls
-        self.regs = {off: 0 for off in REGISTERS.values()}
-        self.regs.update({off + 4: 0 for off in (PROGRAM_BASE, WEIGHTS_BASE, IMAGE_BASE, OUTPUT_BASE,
-                                                 CYCLE_COUNT, DRAM_BYTES_READ, DRAM_BYTES_WRITTEN)})
+        self.regs = {off: 0 for off, *_ in regs.REGISTERS.values()}
         self.regs.update({ID: ACCEL_ID, VERSION: ISA_VERSION << 16 | REGMAP_VERSION,
                           CONFIG_HASH: config_hash(backend.qcfg, backend.hwcfg)})
         self._latched: dict[int, int] = {}
@@ -292,8 +267,8 @@ class PythonMMIO:
         self.last_stats = None
         self.last_error: ProgramError | None = None
 
-    _RW = {TASK_ID, PROGRAM_BASE, PROGRAM_BASE + 4, WEIGHTS_BASE, WEIGHTS_BASE + 4, IMAGE_BASE,
-           IMAGE_BASE + 4, OUTPUT_BASE, OUTPUT_BASE + 4}
+    # writable bits of the read-write registers (TASK_ID keeps 8 bits, as in the RTL)
+    _RW = {off: wmask for off, sw, _reset, wmask, _rmask in regs.REGISTERS.values() if sw == "rw"}
     _WIDE = {CYCLE_COUNT, DRAM_BYTES_READ, DRAM_BYTES_WRITTEN}
 
     def _check(self, off):
@@ -323,7 +298,7 @@ class PythonMMIO:
             return
         if off not in self._RW:
             raise ValueError(f"write to read-only register offset {off:#x}")
-        self.regs[off] = value & 0xFFFF_FFFF
+        self.regs[off] = value & self._RW[off]
 
     def _addr(self, off):
         return self.regs[off] | self.regs[off + 4] << 32

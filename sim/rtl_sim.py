@@ -109,11 +109,12 @@ def _progress(path: Path, total: int, stop: threading.Event, desc: str):
 
 def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
              beats_per_cycle=None, simulator="verilator", timeout_s=3600, progress=True,
-             intermediates=False) -> dict:
+             intermediates=False, verilog: str | None = None) -> dict:
     """Run the whole-inference RTL simulation (module docstring). image: float [C,H,W] (default:
     the seeded random image of sim/tb_accel.py). intermediates: run quant.compiler.debug_program
     instead (a STORE after every layer) and compare every stored intermediate tensor; its
-    cycles include those STOREs."""
+    cycles include those STOREs. verilog: the top's Verilog for these configs when the caller
+    has it already (edgemoe.Design keeps it), instead of elaborating it again."""
     from edgemoe.hw.accel import Accelerator
     from edgemoe.quant.interpreter import run_program
     from edgemoe.sim.perf_model import inference_cycles
@@ -154,7 +155,7 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
         th.start()
     t0 = time.perf_counter()
     try:
-        res = run_cocotb(Accelerator(cfg, q, hw), "edgemoe_accel", "edgemoe.sim.tb_accel", simulator=simulator,
+        res = run_cocotb(verilog or Accelerator(cfg, q, hw), "edgemoe_accel", "edgemoe.sim.tb_accel", simulator=simulator,
                          tb_config=conf, timeout_s=timeout_s)
     finally:
         stop.set()

@@ -47,7 +47,8 @@ def test_wheel_holds_only_the_edgemoe_package(tmp_path):
     dist_info = {t for t in tops if t.endswith(".dist-info")}
     assert tops - dist_info == {"edgemoe"}, f"wheel top-level entries: {sorted(tops)}"
     for sub in ("__init__.py", "model/m3vit.py", "quant/golden.py", "hw/accel.py", "sim/cli.py",
-                "sim/hdl/edgemoe_dram_tb.v", "checkpoints/tiny.pt"):
+                "sim/hdl/edgemoe_dram_tb.v", "checkpoints/tiny.pt", "sim/regmap.rdl", "sim/regs.py",
+                "sim/c/edgemoe_host.c"):
         assert f"edgemoe/{sub}" in names, f"edgemoe/{sub} missing from the wheel"
     assert not any(n.startswith("edgemoe/tests/") for n in names)
     (di,) = dist_info
