@@ -84,6 +84,8 @@ def _unused_masks() -> dict[Op, list[int]]:
 
 def check_buildable(cfg, qcfg: QuantConfig, hwcfg: HWConfig):
     """The AccelPlan of this top, or HWConfigError naming what the generator cannot build."""
+    from edgemoe.quant.compiler import require_class_granularity
+    require_class_granularity(qcfg, "the accelerator generator")
     if hwcfg.axi_data_bits != 8 * INSTR_BYTES:
         raise HWConfigError(f"HWConfig '{hwcfg.name}': the controller fetches one instruction "
                             f"per beat: axi_data_bits must be {8 * INSTR_BYTES}, got {hwcfg.axi_data_bits}")

@@ -377,7 +377,8 @@ def validate_config(cfg, q: QuantConfig) -> None:
     from . import approx
     from .epilogue import requant_plan
     q.check_model(cfg)
-    if q.gelu_in != q.act:
+    # granularity "channel" requantises fc1 straight to gelu_in (its own epilogue multiplier)
+    if q.granularity == "class" and q.gelu_in != q.act:
         raise FormatError(f"QuantConfig '{q.name}': gelu_in {q.gelu_in} != act {q.act}: the golden "
                           "model feeds fc1's act codes to the GELU unit as gelu_in codes")
     for cls, fn in (("score", lambda: approx.exp2_params(q)),

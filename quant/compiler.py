@@ -310,9 +310,20 @@ def _tensor(qw: QWeights, key: str, shape: tuple) -> np.ndarray:
     return a.reshape(shape)
 
 
+def require_class_granularity(qcfg: QuantConfig, what: str) -> None:
+    """The weight stream and the RTL epilogue carry one bias per channel aligned to the
+    accumulator; the per-channel multiplier + shift epilogue of quant/channel.py is golden-only
+    so far (issue 12)."""
+    if qcfg.granularity != "class":
+        raise FormatError(f"QuantConfig '{qcfg.name}': granularity '{qcfg.granularity}' is supported by "
+                          f"the golden model only; {what} builds granularity 'class' presets "
+                          "(edge-moe-fixed, w8a16)")
+
+
 def compile_program(cfg, qcfg: QuantConfig, hwcfg, weights, check: bool = True) -> Program:
     """weights: a float backbone state dict (quantised here with quant.qweights.quantize_weights,
     folds included) or a QWeights. The program is the same for every task (TASK_ID register)."""
+    require_class_granularity(qcfg, "the compiler")
     if check:
         check_fit(cfg, qcfg, hwcfg)
     qw = weights if isinstance(weights, QWeights) else quantize_weights(cfg, qcfg, weights)

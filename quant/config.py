@@ -57,6 +57,12 @@ class QuantConfig:
     exp_table_bits: int = 6                   # 2**frac table: 2**6 segments + linear interpolation
     rsqrt_table_bits: int = 6                 # rsqrt seed table index bits (mantissa)
     rsqrt_newton: int = 2                     # Newton steps after the table seed (2: ~1e-7 rel.)
+    # "class": one power-of-two format per tensor class (weights at linear_w's 2**-frac, bias
+    # aligned to acc). "channel": per-output-channel weight scales and calibrated per-tensor
+    # activation scales, an integer multiplier (mult_bits) + shift per channel in the epilogue
+    # (quant/channel.py); linear_w/patch_w frac is then 0 and bias is at the accumulator's scale.
+    granularity: str = "class"
+    mult_bits: int = 16
 
     def __post_init__(self):
         for f in FORMAT_FIELDS:
@@ -80,6 +86,9 @@ class QuantConfig:
             v = getattr(self, f)
             need(isinstance(v, int) and lo <= v <= hi, f, f"must be an integer in {lo}..{hi}")
         segs = self.gelu_range * 2 ** self.gelu_step_log2
+        need(self.granularity in ("class", "channel"), "granularity", "must be 'class' or 'channel'")
+        need(isinstance(self.mult_bits, int) and 2 <= self.mult_bits <= 24, "mult_bits",
+             "must be an integer in 2..24")
         need(self.gelu_range > 0 and float(segs).is_integer() and segs <= 1 << 16, "gelu_range",
              f"must be a positive multiple of the table step 2**-{self.gelu_step_log2} "
              "(at most 65536 segments)")
@@ -94,7 +103,7 @@ class QuantConfig:
                 raise FormatError(
                     f"QuantConfig '{self.name}': accumulator {self.acc} too narrow for act {self.act} "
                     f"x {w} {getattr(self, w)} over fan-in {fan_in}: needs {need} bits, has {self.acc.bits}")
-            if self.acc.frac != self.act.frac + getattr(self, w).frac:
+            if self.granularity == "class" and self.acc.frac != self.act.frac + getattr(self, w).frac:
                 raise FormatError(f"QuantConfig '{self.name}': acc.frac {self.acc.frac} must equal "
                                   f"act.frac + {w}.frac = {self.act.frac + getattr(self, w).frac}")
 
@@ -159,7 +168,18 @@ W8A16 = EDGE_MOE_FIXED.replace(
     gelu_in=_s(16, 7), gate_logit=_s(16, 7),
 )
 
-QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED, "w8a16": W8A16}
+# w8a16 with per-channel weights (quant/channel.py): int8 weight codes (frac 0: the scale is in
+# the epilogue's multiplier), bias at the accumulator's scale, calibrated per-tensor activation
+# scales. attn_in.frac fixes s_q * s_k; ln_gamma / ln_beta hold gamma, beta times the LN outputs'
+# calibrated gains.
+W8A16_CHANNEL = W8A16.replace(
+    name="w8a16-channel", granularity="channel", mult_bits=16,
+    patch_w=_s(8, 0), linear_w=_s(8, 0), bias=_s(32, 0), acc=_s(36, 0),
+    act=_s(16, 9), gelu_in=_s(16, 9), attn_in=_s(16, 13), ln_gamma=_s(16, 8), ln_beta=_s(16, 7),
+)
+
+QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED, "w8a16": W8A16,
+                                         "w8a16-channel": W8A16_CHANNEL}
 
 
 def get_quant_preset(name: str) -> QuantConfig:

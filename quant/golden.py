@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import approx
+from .channel import channel_requant
 from .config import QuantConfig
 from .fixed import Fmt, SatCounter, requantize, shift_round
 from .intmath import exact_matmul
@@ -53,12 +54,27 @@ class GoldenModel:
         self.order = row_key_order(cfg.num_tokens, attn_p)
 
     # --- primitives ------------------------------------------------------------------------
-    def linear(self, x, w, b, sat, name, out_fmt: Fmt | None = None, w_fmt: Fmt | None = None):
-        """requant(x @ w^T + b): bias aligned to the accumulator, one rounding, saturation."""
+    def linear(self, x, wkey, bkey, sat, name, out_fmt: Fmt | None = None, w_fmt: Fmt | None = None,
+               e: int | None = None, w=None):
+        """Linear layer of weight key `wkey` (expert `e` of a stacked key; `w` overrides the codes,
+        e.g. the patch embedding's reshape). Class granularity: requant(x @ w^T + b) with the bias
+        aligned to the accumulator, one rounding, saturation. Channel granularity: the per-channel
+        epilogue of quant/channel.py."""
         q = self.q
+        keyed = isinstance(wkey, str)        # or arrays (weights, bias) given directly
+        if w is None:
+            w = self.w[wkey] if keyed else np.asarray(wkey)
+        w = w if e is None else w[e]
         acc = exact_matmul(x, w.T)
+        if q.granularity == "channel":
+            if not keyed:
+                raise ValueError(f"linear '{name}': channel granularity needs the weight key (its epilogue)")
+            ep = self.w.epi[wkey]
+            return channel_requant(acc, ep if e is None else ep.select(e), out_fmt or q.act, q, sat, name)
         src = Fmt(q.acc.bits, q.act.frac + (w_fmt or q.linear_w).frac)
-        if b is not None:
+        if bkey is not None:
+            b = (self.w[bkey] if keyed else np.asarray(bkey))
+            b = b if e is None else b[e]
             acc = acc + shift_round(b, q.bias.frac - src.frac)
         return requantize(acc, src, out_fmt or q.act, q.rounding, q.overflow, sat, name)
 
@@ -81,8 +97,8 @@ class GoldenModel:
         # patches flattened in (c, ky, kx) order = conv weight reshape [D, C*p*p]
         patches = x.reshape(cfg.in_chans, gh, p, gw, p).transpose(1, 3, 0, 2, 4).reshape(gh * gw, -1)
         w = self.w["patch_embed.proj.weight"].reshape(cfg.dim, -1)
-        tok = self.linear(patches, w, self.w["patch_embed.proj.bias"], sat, "patch_embed",
-                          w_fmt=q.patch_w)
+        tok = self.linear(patches, "patch_embed.proj.weight", "patch_embed.proj.bias", sat, "patch_embed",
+                          w_fmt=q.patch_w, w=w)
         x = np.concatenate([self.w["cls_token"].reshape(1, cfg.dim), tok], axis=0)
         return self.add(x, self.w["pos_embed"].reshape(cfg.num_tokens, cfg.dim), sat, "pos_embed")
 
@@ -90,8 +106,13 @@ class GoldenModel:
         cfg, q = self.cfg, self.q
         n, H, dh = cfg.num_tokens, cfg.heads, cfg.head_dim
         pre = f"blocks.{i}"
-        qkv = self.linear(h, self.w[pre + ".attn.qkv.weight"], self.w[pre + ".attn.qkv.bias"], sat, pre + ".qkv")
-        qkv_in = requantize(qkv, q.act, q.attn_in, q.rounding, q.overflow, sat, pre + ".attn_in")
+        # channel granularity: the epilogue writes Q, K, V straight in attn_in codes at their
+        # calibrated scales, and the attention output stays in attn_in codes at V's scale
+        chan = q.granularity == "channel"
+        qkv = self.linear(h, pre + ".attn.qkv.weight", pre + ".attn.qkv.bias", sat, pre + ".qkv",
+                          out_fmt=q.attn_in if chan else None)
+        qkv_in = qkv if chan else requantize(qkv, q.act, q.attn_in, q.rounding, q.overflow, sat,
+                                             pre + ".attn_in")
         qh, kh, vh = (qkv_in[:, j * cfg.dim:(j + 1) * cfg.dim].reshape(n, H, dh).transpose(1, 0, 2)
                       for j in range(3))
         s_acc = exact_matmul(qh, kh.transpose(0, 2, 1))
@@ -99,10 +120,10 @@ class GoldenModel:
         recip, m = approx.softmax_stats(s, self.order, q, sat, pre + ".softmax")
         p = approx.softmax_normalise(s, m, recip, q, sat, pre + ".softmax")
         o_acc = exact_matmul(p, vh)
-        o = requantize(o_acc, Fmt(62, q.prob.frac + q.attn_in.frac), q.act, q.rounding, q.overflow,
-                       sat, pre + ".attn_out")
+        o = requantize(o_acc, Fmt(62, q.prob.frac + q.attn_in.frac), q.attn_in if chan else q.act,
+                       q.rounding, q.overflow, sat, pre + ".attn_out")
         o = o.transpose(1, 0, 2).reshape(n, cfg.dim)
-        proj = self.linear(o, self.w[pre + ".attn.proj.weight"], self.w[pre + ".attn.proj.bias"], sat, pre + ".proj")
+        proj = self.linear(o, pre + ".attn.proj.weight", pre + ".attn.proj.bias", sat, pre + ".proj")
         if t is not None:
             t.update({pre + ".qkv": qkv, pre + ".scores": s, pre + ".softmax_max": m,
                       pre + ".softmax_recip": recip, pre + ".probs": p, pre + ".attn_out": o,
@@ -111,9 +132,10 @@ class GoldenModel:
 
     def mlp(self, h, i, sat, t):
         pre = f"blocks.{i}.mlp"
-        a = self.linear(h, self.w[pre + ".fc1.weight"], self.w[pre + ".fc1.bias"], sat, pre + ".fc1")
+        a = self.linear(h, pre + ".fc1.weight", pre + ".fc1.bias", sat, pre + ".fc1",
+                        out_fmt=self.q.gelu_in if self.q.granularity == "channel" else None)
         g = approx.gelu_fixed(a, self.q, sat, pre + ".gelu")
-        out = self.linear(g, self.w[pre + ".fc2.weight"], self.w[pre + ".fc2.bias"], sat, pre + ".fc2")
+        out = self.linear(g, pre + ".fc2.weight", pre + ".fc2.bias", sat, pre + ".fc2")
         if t is not None:
             t.update({pre + ".fc1": a, pre + ".gelu": g, pre + ".fc2": out})
         return out
@@ -122,9 +144,9 @@ class GoldenModel:
         cfg, q = self.cfg, self.q
         pre = f"blocks.{i}.mlp"
         if cfg.gating == "multi":
-            return h, self.w[f"{pre}.routers.{task}.weight"]
+            return h, f"{pre}.routers.{task}.weight"
         emb = np.broadcast_to(self.w[f"{pre}.task_embed.weight"][task], (h.shape[0], cfg.task_embed_dim))
-        return np.concatenate([h, emb], axis=1), self.w[f"{pre}.router.weight"]
+        return np.concatenate([h, emb], axis=1), f"{pre}.router.weight"
 
     def moe(self, x, h, i, task, sat, t, routing):
         cfg, q = self.cfg, self.q
@@ -137,11 +159,10 @@ class GoldenModel:
         prod_fmt = Fmt(62, q.act.frac + q.gate_prob.frac)
         for e in active_experts(queues):
             toks, ws = queues[e]
-            a = self.linear(h[toks], self.w[pre + ".htoh4_weight"][e], self.w[pre + ".htoh4_bias"][e],
-                            sat, pre + ".expert_fc1")
+            a = self.linear(h[toks], pre + ".htoh4_weight", pre + ".htoh4_bias", sat, pre + ".expert_fc1",
+                            out_fmt=q.gelu_in if q.granularity == "channel" else None, e=e)
             g = approx.gelu_fixed(a, q, sat, pre + ".expert_gelu")
-            y = self.linear(g, self.w[pre + ".h4toh_weight"][e], self.w[pre + ".h4toh_bias"][e],
-                            sat, pre + ".expert_fc2")
+            y = self.linear(g, pre + ".h4toh_weight", pre + ".h4toh_bias", sat, pre + ".expert_fc2", e=e)
             yw = requantize(y * np.asarray(ws, dtype=np.int64)[:, None], prod_fmt, q.act, q.rounding,
                             q.overflow, sat, pre + ".expert_weighted")
             # tokens within one queue are distinct, so one vector add per expert keeps the order

@@ -30,15 +30,25 @@ class QWeights:
     codes: dict[str, np.ndarray]
     fmt: dict[str, Fmt]
     sat: SatCounter = field(default_factory=SatCounter)
+    # granularity "channel" only (quant/channel.py): epilogue integers per weight key, the real
+    # scale of stored tensors that are not at their format's 2**-frac, the calibration used
+    epi: dict = field(default_factory=dict)
+    scales: dict = field(default_factory=dict)
+    act: object = None
+
+    def scale(self, name: str, fmt: Fmt):
+        """Real value of one code of tensor `name` (a scalar, or per last-axis element)."""
+        return self.scales.get(name, fmt.lsb)
 
     def __getitem__(self, k):
         return self.codes[k]
 
 
 def _np(t) -> np.ndarray:
+    # Always a copy: fold_scales edits in place, and .double()/asarray alias float64 input.
     if hasattr(t, "detach"):
-        return t.detach().to("cpu").double().numpy()
-    return np.asarray(t, dtype=np.float64)
+        return t.detach().to("cpu").double().numpy().copy()
+    return np.array(t, dtype=np.float64, copy=True)
 
 
 def tensor_class(name: str) -> str:
@@ -72,7 +82,12 @@ def fold_scales(cfg, sd: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def quantize_weights(cfg, qcfg: QuantConfig, sd: dict) -> QWeights:
+def quantize_weights(cfg, qcfg: QuantConfig, sd: dict, act_scales=None) -> QWeights:
+    """Integer weights for qcfg. Granularity "channel": per-channel scales and calibrated
+    activation scales (quant/channel.py; act_scales default: the standard calibration set)."""
+    if qcfg.granularity == "channel":
+        from .channel import quantize_channel
+        return quantize_channel(cfg, qcfg, sd, act_scales)
     folded = fold_scales(cfg, sd)
     sat = SatCounter()
     codes, fmts = {}, {}

@@ -155,7 +155,7 @@ def fidelity_run(cfg, q: QuantConfig, qw, ref: dict, image: np.ndarray, task: in
     tr = ref["trace"]
     layers = {}
     for name, codes, fmt in _pairs(cfg, q, res.tensors):
-        m = metrics(tr.tensors[name], fmt.dequantize(codes))
+        m = metrics(tr.tensors[name], np.asarray(codes, np.float64) * qw.scale(name, fmt))
         layers[name] = {"sqnr_db": m["sqnr_db"], "cosine": m["cosine"], "max_abs": m["max_abs"]}
     sat = res.sat.report()
     blocks = []
@@ -170,7 +170,7 @@ def fidelity_run(cfg, q: QuantConfig, qw, ref: dict, image: np.ndarray, task: in
             "proj_sqnr_db": layers[b + ".proj"]["sqnr_db"],
             "mlp_sqnr_db": layers[mlp]["sqnr_db"],
             "qkv_absmax_float": float(np.abs(tr.tensors[b + ".qkv"]).max()),
-            "qkv_absmax_golden": float(np.abs(q.act.dequantize(res.tensors[b + ".qkv"])).max()),
+            "qkv_absmax_golden": float(np.abs(res.tensors[b + ".qkv"] * qw.scale(b + ".qkv", q.act)).max()),
             "attn_in_saturated": sat.get(b + ".attn_in", {}).get("saturated", 0),
         })
     final = metrics(ref["features"], q.act.dequantize(res.features))
@@ -222,6 +222,9 @@ def quant_report(cfg, weights: Weights, quants, image, image_desc: str, tasks=No
         wsat = qw.sat.report()
         rep["presets"][q.name] = {
             "formats": {k: str(v) for k, v in q.formats().items()},
+            "granularity": q.granularity,
+            # channel granularity: per-tensor scales, what calibration clipped and on what data
+            "activation_calibration": qw.act.to_dict() if qw.act is not None else None,
             "attn_in_range": q.attn_in.max_value,
             "approx_errors": approx_error_table(q),
             "weights_saturated_total": qw.sat.saturated(),
@@ -234,6 +237,7 @@ def quant_report(cfg, weights: Weights, quants, image, image_desc: str, tasks=No
                 "saturated_total": sum(r["saturated_total"] for r in runs),
                 "routing_changed_tokens": sum(v["changed_tokens"] for r in runs for v in r["routing"].values()),
                 "routing_changed_material": sum(v["material"] for r in runs for v in r["routing"].values()),
+                "routing_tokens": sum(v["tokens"] for r in runs for v in r["routing"].values()),
                 "golden_seconds_mean": sum(r["golden_seconds"] for r in runs) / len(runs),
                 "qkv_absmax_float": max(b["qkv_absmax_float"] for r in runs for b in r["blocks"]),
             }}
@@ -329,5 +333,20 @@ def format_summary(rep: dict) -> str:
             if r["saturated_tensors"]:
                 lines.append("  saturated: " + ", ".join(f"{k} {v['saturated']}/{v['total']}"
                                                          for k, v in r["saturated_tensors"].items()))
+        lines.append(f"routing over all tasks: {s['routing_changed_tokens']}/{s['routing_tokens']} tokens "
+                     f"changed their top-k set ({100 * s['routing_changed_tokens'] / max(1, s['routing_tokens']):.2f} %), "
+                     f"{s['routing_changed_material']} materially "
+                     f"({100 * s['routing_changed_material'] / max(1, s['routing_tokens']):.2f} %)")
+        cal = p.get("activation_calibration")
+        if cal:
+            clip = cal["clipping"]
+            n = sum(v["clipped"] for v in clip.values())
+            tot = sum(v["total"] for v in clip.values())
+            worst = sorted(clip.items(), key=lambda kv: -kv[1]["clipped"] / max(1, kv[1]["total"]))[:3]
+            lines.append(f"activation calibration ({len(cal['source'])} runs: {'; '.join(cal['source'][:4])}"
+                         f"{' ...' if len(cal['source']) > 4 else ''}): {len(clip)} tensors, "
+                         f"{n}/{tot} calibration values clipped ({100 * n / max(1, tot):.3f} %); most: "
+                         + ", ".join(f"{k} {v['clipped']}/{v['total']} at {v['clip_fraction_of_max']:.3f} of max"
+                                     for k, v in worst))
     return "\n".join(lines)
 

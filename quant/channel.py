@@ -1,0 +1,292 @@
+"""Per-output-channel weight scales and per-tensor activation scales (QuantConfig.granularity
+"channel"): the numeric contract that lets 8-bit weights hold float fidelity.
+
+Weights. Every linear layer W [N, K] (each expert separately, the patch embedding as [D, C*p*p])
+is quantised symmetrically per output channel: codes in [-(2**(b-1)-1), 2**(b-1)-1],
+s_w[n] = clip[n] / (2**(b-1)-1), clip[n] = the fraction of max|W[n]| in WEIGHT_CLIP_GRID with the
+least squared error (rounding plus clipping). b = linear_w.bits (patch_w.bits for the patch
+embedding); the formats' frac is 0: codes are plain integers, the scale lives in the epilogue.
+
+Activations. The real scale s of every stored tensor (value = code * s):
+  residual stream, GELU output, fc1 output (gelu_in), router logits (gate_logit)
+                       the QuantConfig format's 2**-frac (the fixed-function units need them)
+  LN outputs           per tensor (blocks.i.norm1 / norm2): clip / (2**(act.bits-1)-1), clip
+                       chosen on calibration data to minimise MSE; folded into gamma and beta
+                       (the LayerNorm unit is unchanged: its gamma/beta are data)
+  V, attention output  per block, MSE-chosen for V; o = P @ V lands in attn_in codes at V's scale
+  Q, K                 per block, MSE-chosen and then balanced so that s_q * s_k = 2**(-2 F),
+                       F = attn_in.frac: the score unit's fixed shift stays exact
+The image is quantised in act (per tensor, power of two), as in class granularity.
+
+Epilogue of every linear layer, per output channel n (acc = exact integer dot product):
+    sum = acc + bias[n]             bias[n] = round(b[n] / (s_in * s_w[n])), acc.bits wide
+    p   = sum * M[n]                M unsigned, mult_bits wide, top bit set
+    y   = fit(shift_round(p, S[n])) to the layer's output format; saturation counted
+with M[n] * 2**-S[n] = s_in * s_w[n] / s_out rounded to mult_bits significant bits
+(`multiplier`). `channel_requant` is that function; GoldenModel, the compiler and the RTL
+epilogue all use these integers (ChannelEpilogue), computed once in `quantize_channel`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import QuantConfig
+from .fixed import Fmt, FormatError, Rounding, SatCounter, shift_round
+
+WEIGHT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+# geometric down to ~1/100 of the observed max: reaches past rare far outliers
+ACT_CLIP_GRID = tuple(0.9 ** i for i in range(45))
+ACT_SEARCH_SAMPLES = 1 << 18    # the clip search runs on a fixed random subsample (speed)
+MAX_SHIFT = 63
+# Scales of calibrated tensors are widened by this factor after the MSE clip choice: inputs
+# beyond the calibration set (other scenes) then still fit; at 16 bits one bit costs ~nothing.
+ACT_HEADROOM = 2.0
+
+
+@dataclass
+class ChannelEpilogue:
+    """Integers of one layer's epilogue; arrays [..., N] (experts: [E, N])."""
+    bias: np.ndarray
+    mult: np.ndarray
+    shift: np.ndarray
+    in_scale: float
+    out_scale: float
+
+    def select(self, e: int) -> "ChannelEpilogue":
+        return ChannelEpilogue(self.bias[e], self.mult[e], self.shift[e], self.in_scale, self.out_scale)
+
+
+@dataclass
+class ActScales:
+    """Calibrated real scales of the per-tensor activations, and what calibration clipped."""
+    scales: dict                                  # tensor name -> float scale
+    clipping: dict = field(default_factory=dict)  # name -> {"clip", "max", "clipped", "total"}
+    source: list = field(default_factory=list)    # descriptions of the calibration runs
+
+    def to_dict(self) -> dict:
+        return {"scales": self.scales, "clipping": self.clipping, "source": self.source}
+
+
+def multiplier(m, bits: int, name: str = "?"):
+    """Real multipliers m > 0 -> (M, S) integers with M * 2**-S ~ m, 2**(bits-1) <= M < 2**bits."""
+    m = np.asarray(m, dtype=np.float64)
+    if not np.all(np.isfinite(m)) or np.any(m <= 0):
+        raise FormatError(f"epilogue multiplier of '{name}': scales must be finite and > 0")
+    S = (bits - 1 - np.floor(np.log2(m))).astype(np.int64)
+    M = np.round(m * np.exp2(S.astype(np.float64))).astype(np.int64)
+    top = M >= (1 << bits)          # rounding carried into a new bit
+    M, S = np.where(top, M >> 1, M), np.where(top, S - 1, S)
+    bad = (S < 0) | (S > MAX_SHIFT)
+    if bad.any():
+        i = int(np.flatnonzero(bad.ravel())[0])
+        raise FormatError(f"epilogue of '{name}': channel {i} needs a shift of {int(S.ravel()[i])} "
+                          f"(multiplier {float(m.ravel()[i]):.3g}); the epilogue shifts 0..{MAX_SHIFT}")
+    return M, S
+
+
+def channel_requant(acc, ep: ChannelEpilogue, out_fmt: Fmt, qcfg: QuantConfig,
+                    sat: SatCounter | None = None, name: str = "requant"):
+    """The channel epilogue: fit(shift_round((acc + bias) * M, S)) per output channel (last axis)."""
+    acc = np.asarray(acc, dtype=np.int64)
+    p = (acc + ep.bias) * ep.mult
+    S = np.broadcast_to(ep.shift, p.shape)
+    r = np.empty_like(p)
+    for s in np.unique(S):                   # a handful of distinct shifts per layer
+        sel = S == s
+        r[sel] = shift_round(p[sel], int(s), qcfg.rounding)
+    return out_fmt.fit(r, qcfg.overflow, sat, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# scales
+# ---------------------------------------------------------------------------------------------
+def _levels(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def weight_scales(w: np.ndarray, bits: int) -> np.ndarray:
+    """Per-row scales of w [..., N, K] with the least squared error over WEIGHT_CLIP_GRID."""
+    L = _levels(bits)
+    w = np.asarray(w, dtype=np.float64)
+    mx = np.abs(w).max(axis=-1)
+    mx = np.where(mx > 0, mx, 1.0)
+    best, best_err = None, None
+    for f in WEIGHT_CLIP_GRID:
+        s = (mx * f / L)[..., None]
+        err = ((np.clip(np.round(w / s), -L, L) * s - w) ** 2).sum(axis=-1)
+        if best is None:
+            best, best_err = s[..., 0], err
+        else:
+            better = err < best_err
+            best, best_err = np.where(better, s[..., 0], best), np.where(better, err, best_err)
+    return best
+
+
+def mse_scale(x: np.ndarray, bits: int) -> tuple[float, dict]:
+    """Scale of one activation tensor (all its calibration samples) minimising the squared error
+    of symmetric rounding + clipping to `bits`; and what it clips."""
+    L = _levels(bits)
+    x = np.asarray(x, dtype=np.float64).ravel()
+    mx = float(np.abs(x).max()) or 1.0
+    xs = x
+    if x.size > ACT_SEARCH_SAMPLES:
+        xs = np.random.default_rng(0).choice(x, ACT_SEARCH_SAMPLES, replace=False)
+        xs[0] = x[np.argmax(np.abs(x))]             # the max stays in the sample
+    errs = []
+    for f in ACT_CLIP_GRID:
+        s = mx * f / L
+        errs.append(float(((np.clip(np.round(xs / s), -L, L) * s - xs) ** 2).sum()))
+    f = ACT_CLIP_GRID[int(np.argmin(errs))]
+    s = mx * f / L
+    clipped = int(np.count_nonzero(np.abs(x) > s * (L + 0.5)))
+    return s, {"clip": mx * f, "max": mx, "clip_fraction_of_max": f, "clipped": clipped, "total": int(x.size)}
+
+
+def calibrate_act_scales(cfg, qcfg: QuantConfig, folded: dict, images, descs=None, tasks=None,
+                         headroom: float = ACT_HEADROOM) -> ActScales:
+    """Per-tensor scales from float forwards (quant.calibrate.float_forward) of every image and
+    task: LN outputs, V by MSE (times `headroom`); Q and K by MSE and then balanced to
+    s_q * s_k = 2**(-2 F)."""
+    from .calibrate import float_forward
+
+    tasks = list(range(cfg.num_tasks)) if tasks is None else [cfg.task_index(t) for t in tasks]
+    D = cfg.dim
+    samples: dict[str, list] = {}
+    for im in images:
+        for t in tasks:
+            tr = float_forward(cfg, folded, im, t)
+            for i in range(cfg.depth):
+                b = f"blocks.{i}"
+                for nm in (".norm1", ".norm2"):
+                    samples.setdefault(b + nm, []).append(tr.tensors[b + nm])
+                qkv = tr.tensors[b + ".qkv"]
+                for j, part in enumerate(("q", "k", "v")):
+                    samples.setdefault(f"{b}.{part}", []).append(qkv[:, j * D:(j + 1) * D])
+    scales, clip = {}, {}
+    for name, xs in samples.items():
+        bits = qcfg.act.bits if name.endswith(("norm1", "norm2")) else qcfg.attn_in.bits
+        s, clip[name] = mse_scale(np.concatenate([x.ravel() for x in xs]), bits)
+        scales[name] = s * headroom
+        clip[name]["headroom"] = headroom
+    target = 2.0 ** (-2 * qcfg.attn_in.frac)
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        r = math.sqrt(target / (scales[b + ".q"] * scales[b + ".k"]))
+        # r >= 1: both coarser by r (no new clipping); r < 1: both finer (clips more; counted
+        # in the golden run's saturation of the qkv epilogue)
+        scales[b + ".q"] *= r
+        scales[b + ".k"] *= r
+        clip[b + ".q"]["balance"] = clip[b + ".k"]["balance"] = r
+    src = [f"{d}, task {cfg.tasks[t]}" for d in (descs or [f"image {k}" for k in range(len(images))])
+           for t in tasks]
+    return ActScales(scales, clip, src)
+
+
+def default_act_scales(cfg, qcfg: QuantConfig, folded: dict) -> ActScales:
+    """The standard calibration set (quant.calibrate.calibration_images: the Cityscapes image when
+    present, matplotlib's sample photo, 2 synthetic scenes), all tasks."""
+    from .calibrate import calibration_images
+    imgs, descs = calibration_images(cfg, synthetic=2)
+    return calibrate_act_scales(cfg, qcfg, folded, imgs, descs)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------------------------
+def _layer(codes, epi, sat, key, w, bits, s_in, s_out, bias, qcfg, mult_name):
+    """Quantise one weight tensor w [..., N, K] (+ bias [..., N] or None) into codes + epilogue."""
+    L = _levels(bits)
+    s_w = weight_scales(w, bits)
+    q = np.round(w / s_w[..., None])
+    sat.add(key, int(np.count_nonzero(np.abs(q) > L)), int(q.size))
+    codes[key] = np.clip(q, -L, L).astype(np.int64)
+    acc_scale = s_in * s_w
+    if bias is None:
+        bq = np.zeros(s_w.shape, dtype=np.int64)
+    else:
+        bq = qcfg.acc.fit(np.round(np.asarray(bias, np.float64) / acc_scale).astype(np.int64),
+                          qcfg.overflow, sat, mult_name + ".bias")
+    s_out = np.broadcast_to(np.asarray(s_out, dtype=np.float64), s_w.shape)
+    M, S = multiplier(acc_scale / s_out, qcfg.mult_bits, mult_name)
+    epi[key] = ChannelEpilogue(bq, M, S, float(s_in), s_out)
+
+
+def quantize_channel(cfg, qcfg: QuantConfig, sd: dict, act: ActScales | None = None):
+    """QWeights of granularity "channel": int codes per channel, ChannelEpilogue per layer, the
+    LN outputs' scales folded into gamma/beta. act: calibrated scales (default_act_scales)."""
+    from .qweights import QWeights, fold_scales, tensor_class
+
+    folded = fold_scales(cfg, sd)
+    act = act or default_act_scales(cfg, qcfg, folded)
+    sc = act.scales
+    a_lsb = qcfg.act.lsb
+    sat = SatCounter()
+    codes, fmts, epi = {}, {}, {}
+    D = cfg.dim
+
+    def plain(k, fmt_name):
+        f = getattr(qcfg, fmt_name)
+        from .fixed import Rounding as R
+        codes[k] = f.quantize(folded[k], R.HALF_EVEN, qcfg.overflow, sat, k)
+        fmts[k] = f
+
+    pe = folded["patch_embed.proj.weight"]
+    _layer(codes, epi, sat, "patch_embed.proj.weight", pe.reshape(pe.shape[0], -1), qcfg.patch_w.bits,
+           a_lsb, a_lsb, folded["patch_embed.proj.bias"], qcfg, "patch_embed")
+    codes["patch_embed.proj.weight"] = codes["patch_embed.proj.weight"].reshape(pe.shape)
+    fmts["patch_embed.proj.weight"] = qcfg.patch_w
+    for k in ("cls_token", "pos_embed"):
+        plain(k, "act")
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        for nm in ("norm1", "norm2"):
+            # LN output code = h / s: gamma and beta scaled by act.lsb / s
+            c = a_lsb / sc[f"{b}.{nm}"]
+            for par, cls in (("weight", "ln_gamma"), ("bias", "ln_beta")):
+                k = f"{b}.{nm}.{par}"
+                f = getattr(qcfg, cls)
+                codes[k] = f.quantize(folded[k] * c, Rounding.HALF_EVEN, qcfg.overflow, sat, k)
+                fmts[k] = f
+        s_out = np.concatenate([np.full(D, sc[f"{b}.{p}"]) for p in ("q", "k", "v")])
+        _layer(codes, epi, sat, f"{b}.attn.qkv.weight", folded[f"{b}.attn.qkv.weight"], qcfg.linear_w.bits,
+               sc[f"{b}.norm1"], s_out, folded[f"{b}.attn.qkv.bias"], qcfg, f"{b}.qkv")
+        _layer(codes, epi, sat, f"{b}.attn.proj.weight", folded[f"{b}.attn.proj.weight"], qcfg.linear_w.bits,
+               sc[f"{b}.v"], a_lsb, folded[f"{b}.attn.proj.bias"], qcfg, f"{b}.proj")
+        m = f"{b}.mlp"
+        s2 = sc[f"{b}.norm2"]
+        if cfg.is_moe(i):
+            for k in [k for k in folded if k.startswith(m + ".router") and k.endswith("weight")]:
+                w = folded[k].copy()
+                if cfg.gating != "multi":
+                    # the task-embedding columns see act codes: rescale them to the LN's scale
+                    w[:, D:] *= a_lsb / s2
+                _layer(codes, epi, sat, k, w, qcfg.linear_w.bits, s2, qcfg.gate_logit.lsb, None, qcfg,
+                       m + ".gate_logits")
+            if cfg.gating != "multi":
+                plain(m + ".task_embed.weight", "act")
+            _layer(codes, epi, sat, m + ".htoh4_weight", folded[m + ".htoh4_weight"], qcfg.linear_w.bits,
+                   s2, qcfg.gelu_in.lsb, folded[m + ".htoh4_bias"], qcfg, m + ".expert_fc1")
+            _layer(codes, epi, sat, m + ".h4toh_weight", folded[m + ".h4toh_weight"], qcfg.linear_w.bits,
+                   a_lsb, a_lsb, folded[m + ".h4toh_bias"], qcfg, m + ".expert_fc2")
+        else:
+            _layer(codes, epi, sat, m + ".fc1.weight", folded[m + ".fc1.weight"], qcfg.linear_w.bits,
+                   s2, qcfg.gelu_in.lsb, folded[m + ".fc1.bias"], qcfg, m + ".fc1")
+            _layer(codes, epi, sat, m + ".fc2.weight", folded[m + ".fc2.weight"], qcfg.linear_w.bits,
+                   a_lsb, a_lsb, folded[m + ".fc2.bias"], qcfg, m + ".fc2")
+        for k in codes:
+            if k.startswith(b + ".") and k not in fmts:
+                fmts[k] = qcfg.linear_w
+    missing = [k for k in folded if k not in codes and tensor_class(k) != "bias"]
+    if missing:
+        raise FormatError(f"channel quantisation of '{cfg.name}': no rule for tensors {missing[:5]}")
+    # scales of the stored tensors that are not at their format's 2**-frac (reports dequantise with them)
+    scales = {}
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        scales[b + ".norm1"], scales[b + ".norm2"] = sc[b + ".norm1"], sc[b + ".norm2"]
+        scales[b + ".qkv"] = np.concatenate([np.full(D, sc[f"{b}.{p}"]) for p in ("q", "k", "v")])
+        scales[b + ".attn_out"] = sc[b + ".v"]
+    return QWeights(codes, fmts, sat, epi=epi, scales=scales, act=act)

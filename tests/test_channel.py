@@ -1,0 +1,200 @@
+"""Per-channel weight / per-tensor activation quantisation (quant/channel.py, preset w8a16-channel)."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from edgemoe.model.config import get_preset
+from edgemoe.quant.channel import (ChannelEpilogue, channel_requant, mse_scale, multiplier,
+                                   weight_scales)
+from edgemoe.quant.config import get_quant_preset
+from edgemoe.quant.fixed import Fmt, FormatError, Rounding, SatCounter
+
+Q = get_quant_preset("w8a16-channel")
+
+
+# ---------------------------------------------------------------------------------------------
+# integers of the epilogue
+# ---------------------------------------------------------------------------------------------
+def test_multiplier_is_normalised_and_accurate():
+    rng = np.random.default_rng(1)
+    m = np.exp(rng.uniform(np.log(1e-7), np.log(50.0), 5000))
+    for bits in (8, 16, 24):
+        M, S = multiplier(m, bits)
+        assert np.all(M >= 1 << (bits - 1)) and np.all(M < 1 << bits)
+        rel = np.abs(M * np.exp2(-S.astype(float)) - m) / m
+        assert rel.max() <= 2.0 ** -bits * 1.0000001        # half an LSB of a normalised M
+    # a value that rounds up into a new bit stays normalised
+    M, S = multiplier(np.array([2.0 - 1e-9]), 8)
+    assert M[0] == 128 and S[0] == 6
+
+
+@pytest.mark.parametrize("m", [0.0, -1.0, float("nan"), float("inf")])
+def test_multiplier_rejects_bad_scales(m):
+    with pytest.raises(FormatError, match="layer_x"):
+        multiplier(np.array([1.0, m]), 16, "layer_x")
+
+
+def test_multiplier_rejects_shift_out_of_range():
+    with pytest.raises(FormatError, match="channel 1 needs a shift"):
+        multiplier(np.array([1.0, 1e-30]), 16, "tiny_scale")
+
+
+def _ref_requant(acc, bias, M, S, fmt: Fmt, rounding):
+    """Python-int reference: round((acc + bias) * M / 2**S) per rounding, then saturate."""
+    out = []
+    for a, b, m, s in zip(acc, bias, M, S):
+        v = Fraction((int(a) + int(b)) * int(m), 1 << int(s))
+        fl = v.numerator // v.denominator
+        rem = v - fl
+        if rounding is Rounding.TRUNC:
+            r = fl
+        elif rounding is Rounding.HALF_UP:
+            r = fl + (rem >= Fraction(1, 2))
+        else:
+            r = fl + (rem > Fraction(1, 2) or (rem == Fraction(1, 2) and fl % 2 == 1))
+        out.append(min(max(r, fmt.min_int), fmt.max_int))
+    return np.array(out, dtype=np.int64)
+
+
+@pytest.mark.parametrize("rounding", list(Rounding))
+def test_channel_requant_matches_integer_reference(rounding):
+    rng = np.random.default_rng(2)
+    n = 64
+    q = Q.replace(rounding=rounding)
+    M, S = multiplier(np.exp(rng.uniform(np.log(1e-6), np.log(1e-2), n)), q.mult_bits)
+    ep = ChannelEpilogue(rng.integers(-2**20, 2**20, n), M, S, 1.0, 1.0)
+    acc = rng.integers(-2**34, 2**34, (40, n))
+    sat = SatCounter()
+    got = channel_requant(acc, ep, q.act, q, sat, "t")
+    want = np.stack([_ref_requant(row, ep.bias, M, S, q.act, rounding) for row in acc])
+    assert np.array_equal(got, want)
+    # the random accumulators do overflow s16 sometimes: counted, not silent
+    assert sat.saturated() == int(np.count_nonzero((want == q.act.max_int) | (want == q.act.min_int)))
+    assert sat.saturated() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# scales
+# ---------------------------------------------------------------------------------------------
+def _mse(w, s, bits):
+    L = (1 << (bits - 1)) - 1
+    return float(((np.clip(np.round(w / s[..., None]), -L, L) * s[..., None] - w) ** 2).sum())
+
+
+def test_per_channel_scales_beat_per_tensor_and_max():
+    rng = np.random.default_rng(3)
+    # channels of very different magnitude, each with one outlier: the case per-channel fixes
+    w = rng.normal(size=(32, 256)) * np.exp(rng.uniform(-3, 1, 32))[:, None]
+    w[:, 0] *= 6
+    s = weight_scales(w, 8)
+    per_tensor = np.full(32, np.abs(w).max() / 127)
+    per_channel_max = np.abs(w).max(axis=1) / 127
+    assert _mse(w, s, 8) <= _mse(w, per_channel_max, 8)
+    assert _mse(w, s, 8) < 0.2 * _mse(w, per_tensor, 8)
+    # at 4 bits clipping a Gaussian's tails pays: chosen on (nearly) every channel
+    g = rng.normal(size=(16, 2048))
+    s4 = weight_scales(g, 4)
+    assert np.mean(s4 < np.abs(g).max(axis=1) / 7 * 0.999) > 0.8
+    assert _mse(g, s4, 4) < _mse(g, np.abs(g).max(axis=1) / 7, 4)
+
+
+def test_mse_scale_clips_heavy_tails_and_counts_them():
+    rng = np.random.default_rng(4)
+    x = rng.laplace(size=100000)
+    s, info = mse_scale(x, 4)                           # 4 bits: clipping the tails pays
+    L = 7
+    assert info["max"] == np.abs(x).max() and info["clip"] < 0.6 * info["max"]
+    assert info["clipped"] == int(np.count_nonzero(np.abs(x) > s * (L + 0.5))) > 0
+    err = lambda sc: ((np.clip(np.round(x / sc), -L, L) * sc - x) ** 2).sum()   # noqa: E731
+    assert err(s) < err(info["max"] / L)
+    # a wide 16-bit format keeps the whole range: nothing clipped
+    s16, info16 = mse_scale(x, 16)
+    assert info16["clipped"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset: refused where it is not built yet, and its fidelity
+# ---------------------------------------------------------------------------------------------
+def test_preset_fields():
+    assert Q.granularity == "channel" and Q.linear_w.bits == 8 and Q.linear_w.frac == 0
+    with pytest.raises(FormatError, match="granularity"):
+        Q.replace(granularity="tensor")
+    with pytest.raises(FormatError, match="mult_bits"):
+        Q.replace(mult_bits=40)
+
+
+def test_compiler_and_generator_refuse_channel_granularity():
+    from edgemoe.hw.accel import check_buildable
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.m3vit import M3ViT
+    from edgemoe.quant.compiler import compile_program
+
+    cfg = get_preset("tiny")
+    hw = get_hw_preset("small-8x8")
+    with pytest.raises(FormatError, match="granularity 'channel'.*the accelerator generator"):
+        check_buildable(cfg, Q, hw)
+    sd = M3ViT(cfg, seed=0).state_dict()
+    with pytest.raises(FormatError, match="granularity 'channel'.*the compiler"):
+        compile_program(cfg, Q, hw, sd)
+
+
+def _fidelity(cfg, weights, tasks=None):
+    from edgemoe.model.images import load_image
+    from edgemoe.quant.report import quant_report
+    x, desc = load_image(cfg, None)
+    rep = quant_report(cfg, weights, [Q], x[0].numpy(), desc, tasks)
+    return rep["presets"][Q.name]
+
+
+def test_tiny_layers_track_float():
+    from edgemoe.quant.report import load_weights
+    cfg = get_preset("tiny")
+    p = _fidelity(cfg, load_weights(cfg, "seeded", 0))
+    assert p["summary"]["final_cosine_min"] >= 0.9999
+    assert p["summary"]["saturated_total"] == 0 and p["weights_saturated_total"] == 0
+    for r in p["runs"]:
+        for name in ("blocks.0.qkv", "blocks.0.attn_out", "blocks.1.out", "blocks.3.out"):
+            assert r["layers"][name]["cosine"] >= 0.9999, (r["task"], name, r["layers"][name])
+    cal = p["activation_calibration"]
+    assert len(cal["scales"]) == 5 * cfg.depth and len(cal["source"]) >= 2 * cfg.num_tasks
+
+
+def test_tiny_trained_checkpoint_task_metrics():
+    """Issue-12 target on the shipped checkpoint: |dmIoU| <= 0.005, dRMSE <= 1 % vs float."""
+    from pathlib import Path
+
+    from edgemoe.model.evaluate import evaluate_checkpoint
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny.pt"
+    rep = evaluate_checkpoint(ckpt, quant=(Q.name,), n=16)
+    f, g = rep["backends"]["float"], rep["backends"][Q.name]
+    assert abs(g["semseg"]["miou"] - f["semseg"]["miou"]) <= 0.005
+    assert g["depth"]["rmse"] - f["depth"]["rmse"] <= 0.01 * f["depth"]["rmse"]
+    assert g["saturated"] == 0
+
+
+def test_edge_moe_seeded_fidelity():
+    """Full-size seeded weights: cosine >= 0.999 (issue 12), routing pinned where it stands:
+    2.8 % of tokens change their top-k set (the issue's 0.5 % is not reached yet)."""
+    from edgemoe.quant.report import load_weights
+    cfg = get_preset("edge-moe")
+    p = _fidelity(cfg, load_weights(cfg, "seeded", 0), tasks=["semseg"])
+    s = p["summary"]
+    assert s["final_cosine_min"] >= 0.999
+    assert s["routing_changed_material"] <= 0.04 * s["routing_tokens"]
+
+
+def test_edge_moe_trained_fidelity():
+    """The trained Edge-MoE weights (experts seeded, flagged in the report): cosine >= 0.999."""
+    from edgemoe.quant.report import load_weights
+    cfg = get_preset("edge-moe")
+    try:
+        w = load_weights(cfg, "edge-moe-bin", 0)
+    except FileNotFoundError as e:
+        pytest.skip(f"trained Edge-MoE weights absent: {e}")
+    assert w.random                                      # experts are seeded: must be flagged
+    p = _fidelity(cfg, w, tasks=["semseg"])
+    assert p["summary"]["final_cosine_min"] >= 0.999
+    assert p["summary"]["routing_changed_material"] <= 0.04 * p["summary"]["routing_tokens"]
