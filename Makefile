@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
 
-.PHONY: venv demo test test-full test-slow sim-full bench clean help
+.PHONY: venv demo test test-full test-slow sim-full sim-full-fast bench clean help
 
 help:
 	@echo "make demo       end-to-end run on the built-in preset (outputs under $(OUT)/)"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-full  full-size RTL and long runs (pytest -m full)"
 	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
 	@echo "make sim-full   edge-moe preset, all 12 blocks, both tasks, through the RTL top (cocotb + Verilator)"
+	@echo "make sim-full-fast  the same through the Verilator C++ harness (sim/fast_sim.py, ~1 min after its build)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile
@@ -44,6 +45,9 @@ test-slow: $(STAMP)
 
 sim-full: $(STAMP)
 	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --out $(OUT)/sim-full
+
+sim-full-fast: $(STAMP)
+	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --fast --out $(OUT)/sim-full-fast
 
 bench: $(STAMP)
 	$(PY) -m edgemoe.sim.bench

@@ -96,6 +96,66 @@ def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json
     return out
 
 
+def _speed(rep: dict) -> dict:
+    """Cycles per second of a simulate() report: warm = simulated cycles over the tasks' own
+    simulation seconds; cold = the same cycles over build (a cold one, when recorded) + simulation."""
+    cyc = sum(r["cycles"] for r in rep["tasks"].values())
+    sim = sum(r["wall_s"] for r in rep["tasks"].values())
+    build = rep.get("cold_build_s") or rep.get("build_s") or 0.0
+    return {"cycles": cyc, "sim_s": round(sim, 2), "build_s": round(build, 1),
+            "warm_cycles_per_s": round(cyc / sim) if sim else None,
+            "cold_cycles_per_s": round(cyc / (sim + build)) if sim + build else None}
+
+
+def bench_fast_sim(preset: str = "edge-moe", cocotb_json: str = "out/sim-full/simulate.json",
+                   out: str = "out/bench") -> dict:
+    """The fast RTL path (sim/fast_sim.py) against the cocotb one: both on the tiny preset side by
+    side in this run, and the fast path on `preset` (both tasks) next to the cocotb figures of
+    `make sim-full`'s JSON when present (that run takes ~15 min, so it is not repeated here)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import simulate
+    q = get_quant_preset("edge-moe-fixed")
+    res = {}
+    runs = [("tiny", get_hw_preset("small-8x8").replace(act_buffer_tokens=16), (False, True)),
+            (preset, get_hw_preset("zcu102-16x16"), (True,))]
+    for name, hw, paths in runs:
+        cfg = get_preset(name)
+        prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, synthetic_state_dict(cfg, 0)))
+        for fast in paths:
+            key = f"{name}/{'fast' if fast else 'cocotb'}"
+            rep = simulate(prog, out_dir=f"{out}/fast_sim_{name}_{'fast' if fast else 'cocotb'}", fast=fast)
+            res[key] = {**_speed(rep), "bit_exact": all(r["bit_exact"] for r in rep["tasks"].values())}
+    ref = Path(cocotb_json)
+    if ref.exists():
+        rep = json.loads(ref.read_text())
+        res[f"{preset}/cocotb"] = {**_speed(rep), "source": str(ref)}
+    for k, v in res.items():
+        print(f"{k:<22} {v['cycles']:>11,} cycles  sim {v['sim_s']:>8.1f} s  build {v['build_s']:>6.1f} s  "
+              f"warm {v['warm_cycles_per_s'] or 0:>9,} cycles/s  cold {v['cold_cycles_per_s'] or 0:>9,} cycles/s")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(res)
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [res[n]["warm_cycles_per_s"] or 0 for n in names], 0.4, label="warm (built)")
+    ax.bar([i + 0.2 for i in x], [res[n]["cold_cycles_per_s"] or 0 for n in names], 0.4, label="cold (with build)")
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("simulated cycles / s")
+    ax.set_title("whole-accelerator RTL simulation speed: cocotb vs Verilator C++ harness")
+    ax.legend()
+    fig.tight_layout()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(out) / "fast_sim.png", dpi=110)
+    plt.close(fig)
+    return res
+
+
 def bench_data() -> dict:
     """Synthetic scene generation speed at 128x256."""
     from edgemoe.model.data import bench_data as bd
@@ -103,7 +163,7 @@ def bench_data() -> dict:
 
 
 BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data,
-           "rtl": bench_rtl}
+           "rtl": bench_rtl, "fast_sim": bench_fast_sim}
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,9 @@ def add_arguments(p):
                    help="also compare every intermediate tensor (a STORE after each layer: "
                         "edgemoe.quant.compiler.debug_program; the cycles then include those STOREs)")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
+    p.add_argument("--fast", action="store_true",
+                   help="Verilator C++ harness instead of cocotb (sim/fast_sim.py): same outputs and "
+                        "cycles, about 10x faster; Verilator only")
     p.add_argument("--out", default="out/simulate", help="output folder (JSON, PNG, program)")
 
 
@@ -47,6 +50,9 @@ def run(args) -> int:
     from edgemoe.hw.accel import check_buildable
     from edgemoe.model.images import load_image
     try:
+        if args.fast:
+            from edgemoe.sim.fast_sim import check_options
+            check_options(args.simulator)             # FastSimOptionError is a ValueError
         if args.latency is not None and args.latency < 0:
             raise ValueError(f"--latency {args.latency} must be >= 0 cycles")
         if args.beats_per_cycle is not None and not 0 < args.beats_per_cycle <= 1:
@@ -71,7 +77,7 @@ def run(args) -> int:
     print(f"{cfg.name} / {q.name} / {hw.name}: {len(prog.instrs)} instructions, memory image "
           f"{prog.image_bytes:,} B, weights: {desc}; image: {img_desc}")
     rep = simulate(prog, tasks, image, args.out, args.latency, args.beats_per_cycle, args.simulator,
-                   intermediates=args.intermediates)
+                   intermediates=args.intermediates, fast=args.fast)
     ok = True
     for t, r in rep["tasks"].items():
         ok &= r["bit_exact"]

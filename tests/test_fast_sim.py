@@ -1,0 +1,161 @@
+"""The fast whole-inference path (sim/fast_sim.py, Verilator C++ harness sim/hdl/fast_harness.cpp):
+the same report as the cocotb path (outputs, CYCLE_COUNT, retire trace, DRAM statistics), bit-exact
+with the golden model, one cached build for every task and set of weights, named errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgemoe.hw.config import get_hw_preset
+from edgemoe.model.config import get_preset
+from edgemoe.quant.config import get_quant_preset
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _program(design, seed=None, hw=None):
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    cfg, q, h, qw = design
+    if seed is not None:
+        qw = quantize_weights(cfg, q, synthetic_state_dict(cfg, seed))
+    return compile_program(cfg, q, hw or h, qw)
+
+
+def _image(cfg, seed=1):
+    return np.random.default_rng(seed).normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
+
+
+def test_fast_equals_cocotb_tiny(tmp_path, tiny_design, tiny_verilog):
+    """Both tasks of the tiny preset: every field of the report (cycles, counters, the per-
+    instruction trace, DRAM statistics, breakdown) equals the cocotb path's; both bit-exact."""
+    from edgemoe.sim.rtl_sim import simulate
+    prog = _program(tiny_design)
+    ref = simulate(prog, out_dir=tmp_path / "cocotb", progress=False, verilog=tiny_verilog)
+    rep = simulate(prog, out_dir=tmp_path / "fast", progress=False, verilog=tiny_verilog, fast=True)
+    assert rep["simulator"] == "verilator-fast" and (tmp_path / "fast" / "simulate.png").exists()
+    assert set(rep["tasks"]) == set(tiny_design[0].tasks)
+    for task, a in ref["tasks"].items():
+        b = json.loads(json.dumps(rep["tasks"][task], default=float))
+        a = json.loads(json.dumps(a, default=float))
+        assert a["bit_exact"] and b["bit_exact"], (task, b["first_mismatch"])
+        for k in a:
+            if k != "wall_s":
+                assert a[k] == b[k], (task, k, a[k], b[k])
+
+
+def test_fast_golden_and_build_reuse(tmp_path, tiny_design, tiny_verilog):
+    """Other weights and another image reuse the same build (weights are data); the features
+    equal the golden model's (GoldenModel.forward) as integers."""
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.interpreter import run_program
+    from edgemoe.quant.compiler import synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim import fast_sim
+    cfg, q, h, _ = tiny_design
+    binary, _, key = fast_sim.build(tiny_verilog)
+    prog = _program(tiny_design, seed=5)
+    image = _image(cfg, seed=7)
+    b2, build_s, key2 = fast_sim.build(tiny_verilog)
+    assert (b2, build_s, key2) == (binary, 0.0, key)
+    res = fast_sim.run(binary, key, prog, list(cfg.tasks), image, tmp_path)
+    gm = GoldenModel(cfg, q, quantize_weights(cfg, q, synthetic_state_dict(cfg, 5)), attn_p=h.attn_p)
+    for task in cfg.tasks:
+        gold = run_program(prog, image, task)
+        r = fast_sim.task_result(prog, gold, res["tasks"][task], [])
+        np.testing.assert_array_equal(r["features"], gold.features)
+        np.testing.assert_array_equal(r["features"], gm.forward(image, task).features)
+        assert r["instructions"] == r["golden_instructions"] and r["sat_count"] == r["golden_sat"]
+        assert r["dram_bytes_read"] == r["golden_read"] and r["dram_bytes_written"] == r["golden_written"]
+
+
+def test_fast_named_errors(tmp_path, tiny_design, tiny_verilog):
+    from edgemoe.sim import fast_sim
+    from edgemoe.sim.rtl_sim import simulate
+    from edgemoe.sim.runner import cache_root
+    cfg, q, h, _ = tiny_design
+    prog = _program(tiny_design)
+    # bad option combinations, before any build
+    with pytest.raises(fast_sim.FastSimOptionError, match="Verilator only.*icarus"):
+        simulate(prog, out_dir=tmp_path / "x", progress=False, simulator="icarus", fast=True)
+    with pytest.raises(fast_sim.FastSimOptionError, match="errors"):
+        fast_sim.check_options("verilator", errors=[{"pc": 0}])
+    binary, _, key = fast_sim.build(tiny_verilog)
+    # the binary refuses a run meant for another design
+    with pytest.raises(fast_sim.StaleBuildError, match="built for design"):
+        fast_sim.run(binary, "0" * 20, prog, [cfg.tasks[0]], _image(cfg), tmp_path / "a")
+    # a cache entry whose binary was built for other Verilog
+    other = tiny_verilog + "\n// another design\n"
+    bad = cache_root() / "fast" / f"{fast_sim.TOPLEVEL}-{fast_sim.design_hash(other)}"
+    try:
+        bad.mkdir(parents=True, exist_ok=True)
+        shutil.copy(binary, bad / "fast_sim")
+        (bad / fast_sim._STAMP).write_text("{}")
+        with pytest.raises(fast_sim.StaleBuildError, match="was built for design hash"):
+            fast_sim.build(other)
+    finally:
+        shutil.rmtree(bad, ignore_errors=True)
+    # a memory image compiled for other hardware (CONFIG_HASH differs)
+    prog2 = _program(tiny_design, hw=h.replace(dram_latency_cycles=h.dram_latency_cycles + 1))
+    with pytest.raises(fast_sim.ConfigMismatchError, match="CONFIG_HASH"):
+        fast_sim.run(binary, key, prog2, [cfg.tasks[0]], _image(cfg), tmp_path / "b")
+
+
+def test_fast_intermediates_tiny(tmp_path, tiny_design, tiny_verilog):
+    """`--intermediates --fast`: every stored intermediate tensor equals the executor's."""
+    from edgemoe.sim.rtl_sim import simulate
+    cfg = tiny_design[0]
+    rep = simulate(_program(tiny_design, seed=3), [cfg.tasks[1]], out_dir=tmp_path / "sim", progress=False,
+                   intermediates=True, verilog=tiny_verilog, fast=True)
+    r = rep["tasks"][cfg.tasks[1]]
+    assert len(r["intermediates"]) > 10 and "blocks.1.mlp.experts" in [t["name"] for t in r["intermediates"]]
+    assert r["bit_exact"] and all(t["mismatches"] == 0 for t in r["intermediates"])
+
+
+def test_simulate_cli_fast_bad_option(capsys):
+    from edgemoe.sim.cli import main
+    assert main(["simulate", "--preset", "tiny", "--fast", "--simulator", "icarus"]) == 2
+    out = capsys.readouterr().out
+    assert "edgemoe simulate: error:" in out and "Verilator only" in out
+
+
+def _edge_moe_verilog(q, h):
+    """The zcu102-16x16 top's Verilog; the generator depends on the model's widths, not on its
+    depth (hw/accel_plan.py), so the 12-block preset's Verilog serves shallower programs too."""
+    from conftest import cached_accel_verilog
+    return cached_accel_verilog(get_preset("edge-moe"), q, h)
+
+
+def test_fast_edge_moe_blocks(tmp_path):
+    """Full-size edge-moe blocks on the zcu102-16x16 top through the fast path: block 0 (dense MLP)
+    and block 1 (MoE, 16 experts, top-2), one task, bit-exact with the golden model, cycle model
+    within 5 %. Cold: ~1.5 min Verilog + the Verilator build (cached after)."""
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import simulate
+    q, h = get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
+    cfg = get_preset("edge-moe").replace(depth=2, moe_blocks=(1,))
+    prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, 0)))
+    rep = simulate(prog, ["semseg"], out_dir=tmp_path / "sim", progress=False,
+                   verilog=_edge_moe_verilog(q, h), fast=True)
+    r = rep["tasks"]["semseg"]
+    assert r["bit_exact"], r["first_mismatch"]
+    assert r["instructions"] == r["golden_instructions"] and r["sat_count"] == r["golden_sat"]
+    assert abs(r["model_error"]) < 0.05
+
+
+@pytest.mark.full
+def test_fast_edge_moe_full(tmp_path):
+    """The whole edge-moe preset, both tasks, through the fast path: bit-exact, cycle model within
+    5 %, latency target met (tests/test_accel_rtl.py::test_accel_edge_moe_full on cocotb)."""
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import simulate
+    cfg, q, h = get_preset("edge-moe"), get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
+    prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, 0)))
+    rep = simulate(prog, out_dir=tmp_path / "sim", progress=False, verilog=_edge_moe_verilog(q, h), fast=True)
+    for task, r in rep["tasks"].items():
+        assert r["bit_exact"], (task, r["first_mismatch"])
+        assert abs(r["model_error"]) < 0.05
+        assert r["ms"] <= 17.0
