@@ -156,6 +156,44 @@ def bench_fast_sim(preset: str = "edge-moe", cocotb_json: str = "out/sim-full/si
     return res
 
 
+def bench_fast_sim_flags(preset: str = "edge-moe", out: str = "out/bench") -> dict:
+    """Verilator options on the fast path: one task of `preset` on zcu102-16x16 / edge-moe-fixed
+    per option set (a build each, ~35 s, removed after unless it is the kept default)."""
+    import shutil
+    import numpy as np
+    from edgemoe.hw.accel import Accelerator
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim import fast_sim
+    from edgemoe.sim.runner import export_verilog
+    cfg, q, h = get_preset(preset), get_quant_preset("edge-moe-fixed"), get_hw_preset("zcu102-16x16")
+    v = export_verilog(Accelerator(cfg, q, h), "edgemoe_accel")
+    prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, 0)))
+    img = np.random.default_rng(1).normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
+    task = cfg.tasks[0]
+    variants = [("no options, OPT_FAST=-O2", (), "-O2"), ("no options, OPT_FAST=-Os", (), "-Os"),
+                ("-O3", ("-O3",), "-O2"),
+                ("--x-assign fast --x-initial fast", ("--x-assign", "fast", "--x-initial", "fast"), "-O2"),
+                ("--threads 2", ("--threads", "2"), "-O2")]
+    res = {}
+    for name, flags, opt in variants:
+        b, _, k = fast_sim.build(v, flags, opt)
+        t0 = time.perf_counter()
+        r = fast_sim.run(b, k, prog, [task], img, Path(out) / "fast_sim_flags")["tasks"][task]
+        s = time.perf_counter() - t0
+        stamp = json.loads((b.parent / fast_sim._STAMP).read_text())
+        res[name] = {"build_s": round(stamp["build_s"], 1), "sim_s": round(s, 1), "cycles": r["cycles"],
+                     "cycles_per_s": round(r["sim_cycles"] / s)}
+        print(f"{name:<36} build {res[name]['build_s']:>6.1f} s  sim {s:>6.1f} s  "
+              f"{res[name]['cycles_per_s']:>8,} cycles/s  ({r['cycles']:,} cycles)", flush=True)
+        if (tuple(flags), opt) != (fast_sim.VERILATOR_FLAGS, fast_sim.OPT_FAST):
+            shutil.rmtree(b.parent, ignore_errors=True)
+    return res
+
+
 def bench_data() -> dict:
     """Synthetic scene generation speed at 128x256."""
     from edgemoe.model.data import bench_data as bd
@@ -163,7 +201,8 @@ def bench_data() -> dict:
 
 
 BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data,
-           "rtl": bench_rtl, "fast_sim": bench_fast_sim}
+           "rtl": bench_rtl, "fast_sim": bench_fast_sim,
+           "fast_sim_flags": bench_fast_sim_flags}
 
 
 def main(argv=None) -> int:

@@ -38,11 +38,11 @@ MEM_BASE = 0x1000_0000          # as sim/tb_accel.py
 POLL_CYCLES = 2000              # tb_accel's default STATUS poll interval
 _STAMP = ".edgemoe_fast_built"
 
-# Verilator options kept after measuring each one on a tiny two-task run and on a block of the
-# edge-moe preset (figures in the module's closing note in README.md / the issue). -O3 and
-# --x-assign/--x-initial fast changed nothing measurable here; --threads 2 was slower (the
-# design has one clock domain and a narrow critical path, and the 2 cores also compile).
-VERILATOR_FLAGS: tuple[str, ...] = ()
+# Verilator options, each measured on the full edge-moe preset (zcu102-16x16, edge-moe-fixed, one
+# task, 3.33 M cycles; sim/bench.py bench_fast_sim_flags): OPT_FAST -O2 30.4 s vs
+# Verilator's default -Os 55.5 s; -O3 30.3 s and --x-assign/--x-initial fast 30.3 s (no gain,
+# not kept); --threads 2 26.4 s (kept: 126 k cycles/s vs 110 k).
+VERILATOR_FLAGS: tuple[str, ...] = ("--threads", "2")
 # C++ optimisation of the generated model (Verilator's default OPT_FAST is -Os)
 OPT_FAST = "-O2"
 
