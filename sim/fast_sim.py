@@ -147,8 +147,11 @@ def build(verilog: str, flags=None, opt_fast: str | None = None, timeout_s: floa
 
 def _dram_params(hw, latency_cycles=None, beats_per_cycle=None) -> dict:
     """AxiDram.from_hwconfig's parameters as the integer token bucket the model runs."""
+    import inspect
     from fractions import Fraction
-    from edgemoe.sim.dram import dram_beats_per_cycle
+    from edgemoe.sim.dram import AxiDram, dram_beats_per_cycle
+    # the cocotb model's own defaults, read not copied: both paths run one DRAM model
+    dflt = {k: v.default for k, v in inspect.signature(AxiDram.__init__).parameters.items()}
     lat = int(hw.dram_latency_cycles) if latency_cycles is None else latency_cycles
     bpc = dram_beats_per_cycle(hw) if beats_per_cycle is None else beats_per_cycle
     if not isinstance(lat, int) or lat < 1:
@@ -157,7 +160,8 @@ def _dram_params(hw, latency_cycles=None, beats_per_cycle=None) -> dict:
         raise ValueError(f"AxiDram: beats_per_cycle {bpc} must be in (0, 1]")
     frac = Fraction(bpc).limit_denominator(1 << 12)
     return {"latency": lat, "bpc_num": frac.numerator, "bpc_den": frac.denominator,
-            "max_outstanding": 16, "write_resp_cycles": 1, "strict": 1}
+            "max_outstanding": dflt["max_outstanding"], "write_resp_cycles": dflt["write_resp_cycles"],
+            "strict": int(dflt["strict"])}
 
 
 def _poll_cycles(hw) -> int:
