@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
 
-.PHONY: venv demo test test-full test-slow sim-full sim-full-fast bench clean help
+.PHONY: venv demo test test-full test-slow sim-full sim-full-fast sim-full-w8 bench clean help
 
 help:
 	@echo "make demo       end-to-end run on the built-in preset (outputs under $(OUT)/)"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
 	@echo "make sim-full   edge-moe preset, all 12 blocks, both tasks, through the RTL top (cocotb + Verilator)"
 	@echo "make sim-full-fast  the same through the Verilator C++ harness (sim/fast_sim.py, ~1 min after its build)"
+	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, w8a16-channel on zcu102-w8-32x32 (fast path)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile
@@ -48,6 +49,9 @@ sim-full: $(STAMP)
 
 sim-full-fast: $(STAMP)
 	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --fast --out $(OUT)/sim-full-fast
+
+sim-full-w8: $(STAMP)
+	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-w8-32x32 --quant w8a16-channel --fast --out $(OUT)/sim-full-w8
 
 bench: $(STAMP)
 	$(PY) -m edgemoe.sim.bench

@@ -46,6 +46,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from edgemoe.quant.channel import attention_qcfg, check_channel_datapath
 from edgemoe.quant.compiler import _ln_sizes
 from edgemoe.quant.config import QuantConfig
 from edgemoe.quant.linear import tile_layout
@@ -84,8 +85,7 @@ def _unused_masks() -> dict[Op, list[int]]:
 
 def check_buildable(cfg, qcfg: QuantConfig, hwcfg: HWConfig):
     """The AccelPlan of this top, or HWConfigError naming what the generator cannot build."""
-    from edgemoe.quant.compiler import require_class_granularity
-    require_class_granularity(qcfg, "the accelerator generator")
+    check_channel_datapath(qcfg)
     if hwcfg.axi_data_bits != 8 * INSTR_BYTES:
         raise HWConfigError(f"HWConfig '{hwcfg.name}': the controller fetches one instruction "
                             f"per beat: axi_data_bits must be {8 * INSTR_BYTES}, got {hwcfg.axi_data_bits}")
@@ -139,7 +139,7 @@ class Accelerator(wiring.Component):
         store = unit("store", StoreOp(p, q))
         lin = unit("linear", LinearOp(cfg, q, hw))
         ln = unit("layernorm", LayerNormOp(cfg, q, hw))
-        att = unit("attention", AttentionOp(cfg, q, hw))
+        att = unit("attention", AttentionOp(cfg, attention_qcfg(q), hw))
         gate = unit("gate", GateOp(cfg, q, hw)) if self.moe else None
 
         # --- registers --------------------------------------------------------------------------
@@ -329,7 +329,8 @@ class Accelerator(wiring.Component):
         m.d.comb += [kc.eq((k + (p.G - 1)) >> (p.G - 1).bit_length()),
                      nc.eq((n + (p.G - 1)) >> (p.G - 1).bit_length())]
         lin_beats = Signal(24)
-        m.d.sync += lin_beats.eq(nc * (kc * layout.tile_beats + Mux(flags[0], layout.bias_beats, 0)))
+        hdr = 1 if layout.channel else flags[0]    # column headers: bias flag, or always (channel)
+        m.d.sync += lin_beats.eq(nc * (kc * layout.tile_beats + Mux(hdr, layout.bias_beats, 0)))
         vals = Signal(32)
         m.d.sync += vals.eq(rows * k)
         move_bytes = vals * cb

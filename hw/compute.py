@@ -23,6 +23,10 @@ Modes (command flags; quant.linear.MODES gives them per layer type):
   gather   input row r is buffer row token[r] (expert fc1)
   scatter  output row r goes to buffer row token[r] (expert fc2: scatter-accumulate)
 The patch embedding is a plain layer over flattened patches with patch_w codes (same lane width).
+Granularity "channel": every column's header (always present) holds bias, multiplier and shift
+per lane (quant.linear.header_lanes) and hw/channel_requant.ChannelRequant replaces Requant
+(LATENCY 4, one more epilogue stage); no separate logit requantize (the router's multipliers
+target gate_logit, which has act's width).
 
 Buffers live outside the unit (the accelerator top shares them between units): the unit reads
 activation rows through a request/data stream pair and emits results with their destination row.
@@ -85,6 +89,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from edgemoe.quant.channel import check_channel_datapath
 from edgemoe.quant.config import QuantConfig
 from edgemoe.quant.fixed import FormatError, Overflow, Rounding
 from edgemoe.quant.linear import TileLayout, tile_layout
@@ -114,6 +119,8 @@ class ComputeGeometry:
     tree_stages: int     # register stages of the adder tree
     gelu_latency: int
     logit_requant: bool  # a separate Requant for gate_logit (gate_logit != act)
+    channel: bool = False   # granularity "channel": ChannelRequant, headers in every stream
+    rq_latency: int = 3     # Requant.LATENCY or ChannelRequant.LATENCY
 
     @property
     def t_in(self) -> int:
@@ -133,7 +140,7 @@ class ComputeGeometry:
     def epi_latency(self, gelu: bool) -> int:
         """Epilogue issue of a row -> its y valid: acc read, Requant, [GELU], gate operands,
         gate multiply, gate rounding, residual add (each a register stage)."""
-        return 1 + Requant.LATENCY + (self.gelu_latency if gelu else 0) + 4
+        return 1 + self.rq_latency + (self.gelu_latency if gelu else 0) + 4
 
 
 def _bits(n: int) -> int:
@@ -141,8 +148,11 @@ def _bits(n: int) -> int:
 
 
 def compute_geometry(qcfg: QuantConfig, hwcfg: HWConfig, mcfg=None) -> ComputeGeometry:
+    from .channel_requant import ChannelRequant
     from .gelu import Gelu, gelu_plan
     layout = tile_layout(qcfg, hwcfg)
+    chan = qcfg.granularity == "channel"
+    check_channel_datapath(qcfg)
     for f in ("act", "acc", "bias", "gate_logit"):
         if not getattr(qcfg, f).signed:
             raise FormatError(f"QuantConfig '{qcfg.name}': the compute unit needs a signed {f}")
@@ -153,7 +163,7 @@ def compute_geometry(qcfg: QuantConfig, hwcfg: HWConfig, mcfg=None) -> ComputeGe
                           "the compute unit feeds its act results to GELU as gelu_in codes")
     if gelu_plan(qcfg).can_saturate:
         raise FormatError(f"QuantConfig '{qcfg.name}': GELU can saturate act; unsupported")
-    if qcfg.acc.frac != qcfg.act.frac + qcfg.linear_w.frac:
+    if not chan and qcfg.acc.frac != qcfg.act.frac + qcfg.linear_w.frac:
         raise FormatError(f"QuantConfig '{qcfg.name}': acc.frac {qcfg.acc.frac} != act.frac + "
                           f"linear_w.frac = {qcfg.act.frac + qcfg.linear_w.frac}")
     if qcfg.acc.bits < qcfg.act.bits + layout.w_bits:
@@ -174,7 +184,9 @@ def compute_geometry(qcfg: QuantConfig, hwcfg: HWConfig, mcfg=None) -> ComputeGe
         row_bits=_bits(hwcfg.act_buffer_tokens - 1), rows_bits=_bits(hwcfg.act_buffer_tokens),
         max_idx=max_idx, idx_bits=_bits(max_idx - 1), count_bits=_bits(max_idx),
         tree_stages=-(-levels // TREE_LEVELS_PER_STAGE), gelu_latency=Gelu.LATENCY,
-        logit_requant=qcfg.gate_logit != qcfg.act)
+        # channel: the router's multipliers already target gate_logit (same width as act)
+        logit_requant=not chan and qcfg.gate_logit != qcfg.act, channel=chan,
+        rq_latency=ChannelRequant.LATENCY if chan else Requant.LATENCY)
 
 
 def round_shift(x, s: int, rounding: Rounding):
@@ -237,6 +249,7 @@ class ComputeUnit(wiring.Component):
         g, q, hw = self.geom, self.qcfg, self.hwcfg
         lay = g.layout
         A, ACC, W, BB, AX = g.act_bits, g.acc_bits, lay.w_bits, lay.bias_bits, lay.axi_bits
+        EB = lay.epi_bits     # one header lane: bias (+ multiplier + shift, channel)
         Ti, To, YB = g.t_in, g.t_out, g.y_bits
 
         def reg(name, shape=1, reset_less=True):
@@ -264,6 +277,8 @@ class ComputeUnit(wiring.Component):
         with m.If(start):
             m.d.sync += [rows_m1.eq(p.rows - 1), kc_m1.eq(p.kc - 1), nc_m1.eq(p.nc - 1)]
         queue_mode = cfg.gather | cfg.scatter | cfg.gate
+        # a column header precedes the tiles: the mode's bias, or always (channel: multipliers)
+        hdr_p, hdr = (Const(1), Const(1)) if g.channel else (p.bias, cfg.bias)
 
         # ---- token queue (gather / scatter / gate weight per row) ------------------------------
         qmem = Memory(shape=self.q_layout, depth=g.max_rows, init=[])
@@ -332,7 +347,7 @@ class ComputeUnit(wiring.Component):
         beat_last = l_beat == Mux(l_bias, Bb - 1, Bt - 1)
         ws_set, bs_set = Signal(), Signal()
         with m.If(start):
-            m.d.sync += [l_run.eq(1), l_bias.eq(p.bias), l_j.eq(0), l_c.eq(0), l_beat.eq(0)]
+            m.d.sync += [l_run.eq(1), l_bias.eq(hdr_p), l_j.eq(0), l_c.eq(0), l_beat.eq(0)]
         with m.Elif(w_hs):
             with m.If(l_bias):
                 m.d.sync += bshadow.eq(Cat(bshadow[AX:], self.w.payload) if Bb > 1 else self.w.payload)
@@ -349,13 +364,13 @@ class ComputeUnit(wiring.Component):
                     wj, nj = step(l_j, nc_m1)
                     m.d.sync += l_c.eq(nc_)
                     with m.If(wc):
-                        m.d.sync += [l_j.eq(nj), l_bias.eq(cfg.bias)]
+                        m.d.sync += [l_j.eq(nj), l_bias.eq(hdr)]
                         with m.If(wj):
                             m.d.sync += l_run.eq(0)
 
         # ---- pass sequencer: one pass = R rows through the resident tile ----------------------
         wact = reg("wact", TB)
-        bias_bank = [reg(f"bias_bank{b}", To * BB) for b in range(2)]
+        bias_bank = [reg(f"bias_bank{b}", To * EB) for b in range(2)]
         bank_busy = [Signal(name=f"bank_busy{b}") for b in range(2)]
         col_done = [Signal(name=f"col_done{b}") for b in range(2)]
         epi_owns = [Signal(name=f"epi_owns{b}") for b in range(2)]
@@ -395,10 +410,10 @@ class ComputeUnit(wiring.Component):
             m.d.sync += [p_act.eq(1), wact.eq(wshadow[:TB])]
             m.d.comb += ws_clr.eq(1)
             with m.If(nxt_c == 0):
-                m.d.comb += bs_clr.eq(cfg.bias)
+                m.d.comb += bs_clr.eq(hdr)
                 for b in range(2):
                     with m.If(nb == b):
-                        m.d.sync += [bias_bank[b].eq(Mux(cfg.bias, bshadow[:To * BB], 0)),
+                        m.d.sync += [bias_bank[b].eq(Mux(hdr, bshadow[:To * EB], 0)),
                                      bank_busy[b].eq(1)]
         with m.If(ws_set):
             m.d.sync += ws_full.eq(1)
@@ -515,10 +530,21 @@ class ComputeUnit(wiring.Component):
 
         # ---- requantize (+ GELU) ------------------------------------------------------------------
         hw_l = hw.replace(lanes=To)
-        rq = Requant(q, hw_l)
+        if g.channel:
+            from .channel_requant import ChannelRequant
+            rq = ChannelRequant(q, hw_l)
+        else:
+            rq = Requant(q, hw_l)
         m.submodules.requant = rq
         e1_acc = Mux(e1_bank, acc_rd[1].as_value(), acc_rd[0].as_value())
-        e1_bias = Mux(e1_bank, bias_bank[1], bias_bank[0])
+        e1_hdr = Mux(e1_bank, bias_bank[1], bias_bank[0])
+        # header lane o: bias, then (channel) multiplier and shift
+        e1_bias = Cat(*(e1_hdr[o * EB:o * EB + BB] for o in range(To)))
+        if g.channel:
+            MB = q.mult_bits
+            m.d.comb += [rq.i.payload.mult.eq(Cat(*(e1_hdr[o * EB + BB:o * EB + BB + MB] for o in range(To)))),
+                         rq.i.payload.shift.eq(Cat(*(e1_hdr[o * EB + BB + MB:o * EB + EB]
+                                                     for o in range(To))))]
         rq_in = [rq]
         if g.logit_requant:
             rql = Requant(q.replace(act=q.gate_logit), hw_l)

@@ -66,6 +66,9 @@ class HWConfig:
 HW_PRESETS: dict[str, HWConfig] = {
     "zcu102-16x16": HWConfig(),
     "small-8x8": HWConfig(name="small-8x8", t_in=8, t_out=8, attn_p=2, lanes=8),
+    # the 8-bit-weight design (issue 12): 32x32 MACs (1024 per cycle), attention P = 8; built
+    # for QuantConfig w8a16-channel (per-channel multipliers in the epilogue)
+    "zcu102-w8-32x32": HWConfig(name="zcu102-w8-32x32", t_in=32, t_out=32, attn_p=8, lanes=32),
 }
 
 

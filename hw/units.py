@@ -30,6 +30,7 @@ def _lazy(module: str, attr: str, with_model: bool):
 
 UNITS = {
     "requant": _lazy("requant", "Requant", False),
+    "channel_requant": _lazy("channel_requant", "ChannelRequant", False),
     "gelu": _lazy("gelu", "Gelu", False),
     "softmax_norm": _lazy("softmax_norm", "SoftmaxNorm", False),
     "softmax": _lazy("softmax", "SoftmaxStats.from_model", True),

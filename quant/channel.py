@@ -40,7 +40,8 @@ WEIGHT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 # geometric down to ~1/100 of the observed max: reaches past rare far outliers
 ACT_CLIP_GRID = tuple(0.9 ** i for i in range(45))
 ACT_SEARCH_SAMPLES = 1 << 18    # the clip search runs on a fixed random subsample (speed)
-MAX_SHIFT = 63
+SHIFT_BITS = 6                      # the shift field of a weight-stream header lane
+MAX_SHIFT = (1 << SHIFT_BITS) - 1
 # Scales of calibrated tensors are widened by this factor after the MSE clip choice: inputs
 # beyond the calibration set (other scenes) then still fit; at 16 bits one bit costs ~nothing.
 ACT_HEADROOM = 2.0
@@ -87,17 +88,52 @@ def multiplier(m, bits: int, name: str = "?"):
     return M, S
 
 
-def channel_requant(acc, ep: ChannelEpilogue, out_fmt: Fmt, qcfg: QuantConfig,
-                    sat: SatCounter | None = None, name: str = "requant"):
-    """The channel epilogue: fit(shift_round((acc + bias) * M, S)) per output channel (last axis)."""
+def channel_epilogue(acc, bias, mult, shift, out_fmt: Fmt, qcfg: QuantConfig):
+    """Elementwise (broadcasting) fit(shift_round((acc + bias) * mult, shift)): (y, overflow
+    flags). The one definition that channel_requant, linear_golden and hw/channel_requant.py
+    follow."""
     acc = np.asarray(acc, dtype=np.int64)
-    p = (acc + ep.bias) * ep.mult
-    S = np.broadcast_to(ep.shift, p.shape)
+    p = (acc + np.asarray(bias, dtype=np.int64)) * np.asarray(mult, dtype=np.int64)
+    S = np.broadcast_to(np.asarray(shift, dtype=np.int64), p.shape)
     r = np.empty_like(p)
     for s in np.unique(S):                   # a handful of distinct shifts per layer
         sel = S == s
         r[sel] = shift_round(p[sel], int(s), qcfg.rounding)
-    return out_fmt.fit(r, qcfg.overflow, sat, name)
+    over = (r < out_fmt.min_int) | (r > out_fmt.max_int)
+    return out_fmt.fit(r, qcfg.overflow), over
+
+
+def channel_requant(acc, ep: ChannelEpilogue, out_fmt: Fmt, qcfg: QuantConfig,
+                    sat: SatCounter | None = None, name: str = "requant"):
+    """The channel epilogue: fit(shift_round((acc + bias) * M, S)) per output channel (last axis)."""
+    y, over = channel_epilogue(acc, ep.bias, ep.mult, ep.shift, out_fmt, qcfg)
+    if sat is not None:
+        sat.add(name, int(over.sum()), over.size)
+    return y
+
+
+def attention_qcfg(qcfg: QuantConfig) -> QuantConfig:
+    """The QuantConfig as the ATTENTION unit sees it: its input and output are `act` codes in
+    class granularity (requantised to / from attn_in inside), attn_in codes in channel
+    granularity (the qkv epilogue writes attn_in, the output stays at V's scale)."""
+    return qcfg.replace(act=qcfg.attn_in) if qcfg.granularity == "channel" else qcfg
+
+
+def check_channel_datapath(qcfg: QuantConfig) -> None:
+    """The compiler's and the RTL's channel datapath keeps every linear output in buffer words of
+    act.bits: the qkv (attn_in), fc1 (gelu_in) and router (gate_logit) outputs are saturated to
+    act.bits, so those formats must have act's width (their scales live in the multipliers)."""
+    if qcfg.granularity != "channel":
+        return
+    for f in ("attn_in", "gelu_in", "gate_logit"):
+        fm = getattr(qcfg, f)
+        if fm.bits != qcfg.act.bits or not fm.signed:
+            raise FormatError(f"QuantConfig '{qcfg.name}': granularity 'channel' needs {f} ({fm}) "
+                              f"signed and as wide as act ({qcfg.act}): the linear epilogue writes "
+                              "it into act-wide buffer words")
+    if qcfg.gelu_in != qcfg.act:
+        raise FormatError(f"QuantConfig '{qcfg.name}': gelu_in {qcfg.gelu_in} != act {qcfg.act}: "
+                          "the GELU unit reads act-format words")
 
 
 # ---------------------------------------------------------------------------------------------

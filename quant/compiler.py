@@ -271,7 +271,9 @@ def check_fit(cfg, qcfg: QuantConfig, hwcfg, raise_error: bool = True) -> FitRep
                          f"gating '{cfg.gating}'" + ("" if cfg.gating == "multi" else
                          ": only 'multi' (one router per task) is supported by the ISA; the "
                          "task-conditioned router's concatenated task embedding has no instruction")))
+    from .channel import check_channel_datapath
     for what, fn in (("formats: accumulator", lambda: qcfg.check_model(cfg)),
+                     ("formats: channel epilogue", lambda: check_channel_datapath(qcfg)),
                      ("formats: weight tiles", lambda: tile_layout(qcfg, hwcfg)),
                      ("formats: layernorm", lambda: approx.layernorm_params(cfg.dim, qcfg))):
         try:
@@ -310,20 +312,9 @@ def _tensor(qw: QWeights, key: str, shape: tuple) -> np.ndarray:
     return a.reshape(shape)
 
 
-def require_class_granularity(qcfg: QuantConfig, what: str) -> None:
-    """The weight stream and the RTL epilogue carry one bias per channel aligned to the
-    accumulator; the per-channel multiplier + shift epilogue of quant/channel.py is golden-only
-    so far (issue 12)."""
-    if qcfg.granularity != "class":
-        raise FormatError(f"QuantConfig '{qcfg.name}': granularity '{qcfg.granularity}' is supported by "
-                          f"the golden model only; {what} builds granularity 'class' presets "
-                          "(edge-moe-fixed, w8a16)")
-
-
 def compile_program(cfg, qcfg: QuantConfig, hwcfg, weights, check: bool = True) -> Program:
     """weights: a float backbone state dict (quantised here with quant.qweights.quantize_weights,
     folds included) or a QWeights. The program is the same for every task (TASK_ID register)."""
-    require_class_granularity(qcfg, "the compiler")
     if check:
         check_fit(cfg, qcfg, hwcfg)
     qw = weights if isinstance(weights, QWeights) else quantize_weights(cfg, qcfg, weights)
@@ -340,14 +331,30 @@ def compile_program(cfg, qcfg: QuantConfig, hwcfg, weights, check: bool = True) 
         o = sym.offset + item * sym.stride
         wreg[o:o + data.size] = data
 
-    def put_stream(name, w, b, item=0, patch=False):
+    chan = qcfg.granularity == "channel"
+    if chan and not qw.epi:
+        raise FormatError(f"weights for QuantConfig '{qcfg.name}' (granularity 'channel') carry no "
+                          "per-channel epilogue: quantise them with quant.qweights.quantize_weights")
+
+    def put_stream(name, w, b, item=0, patch=False, wkey=None, e=None):
         s = syms[name]
-        put(s, weight_stream(w, b, lay, qcfg.patch_w if patch else qcfg.linear_w, qcfg.bias, name), item)
+        mult = shift = None
+        if chan:        # bias, multiplier and shift of every channel come from its epilogue
+            if wkey not in qw.epi:
+                raise KeyError(f"weights: no channel epilogue for '{wkey}' (needed by the program)")
+            ep = qw.epi[wkey] if e is None else qw.epi[wkey].select(e)
+            b = None if b is None else np.asarray(ep.bias, dtype=np.int64)
+            mult, shift = ep.mult, ep.shift
+        put(s, weight_stream(w, b, lay, qcfg.patch_w if patch else qcfg.linear_w, qcfg.bias, name,
+                             mult, shift), item)
+
+    def bias_of(key, shape):    # channel: the bias lives in the epilogue (quant/channel.py)
+        return np.zeros(shape, dtype=np.int64) if chan else _tensor(qw, key, shape)
 
     put(syms["pos_embed"], encode_values(_tensor(qw, "pos_embed", (T, D)), qcfg.act, "pos_embed"))
     put(syms["cls_token"], encode_values(_tensor(qw, "cls_token", (1, D)), qcfg.act, "cls_token"))
     put_stream("patch_embed.proj", _tensor(qw, "patch_embed.proj.weight", (D, Cpp)),
-               _tensor(qw, "patch_embed.proj.bias", (D,)), patch=True)
+               bias_of("patch_embed.proj.bias", (D,)), patch=True, wkey="patch_embed.proj.weight")
     for i in range(cfg.depth):
         b = f"blocks.{i}."
         for ln in ("norm1", "norm2"):
@@ -357,27 +364,27 @@ def compile_program(cfg, qcfg: QuantConfig, hwcfg, weights, check: bool = True) 
             buf = np.zeros(syms[b + ln].size, dtype=np.uint8)
             buf[:g.size], buf[g_end:g_end + be.size] = g, be
             put(syms[b + ln], buf)
-        put_stream(b + "attn.qkv", _tensor(qw, b + "attn.qkv.weight", (3 * D, D)),
-                   _tensor(qw, b + "attn.qkv.bias", (3 * D,)))
-        put_stream(b + "attn.proj", _tensor(qw, b + "attn.proj.weight", (D, D)),
-                   _tensor(qw, b + "attn.proj.bias", (D,)))
+        for part, n in (("qkv", 3 * D), ("proj", D)):
+            k = f"{b}attn.{part}"
+            put_stream(k, _tensor(qw, k + ".weight", (n, D)), bias_of(k + ".bias", (n,)), wkey=k + ".weight")
         if cfg.is_moe(i):
             E, He = cfg.num_experts, cfg.expert_hidden
             for t in range(cfg.num_tasks):
-                put_stream(b + "mlp.routers", _tensor(qw, f"{b}mlp.routers.{t}.weight", (E, D)), None, t)
+                k = f"{b}mlp.routers.{t}.weight"
+                put_stream(b + "mlp.routers", _tensor(qw, k, (E, D)), None, t, wkey=k)
             w1 = _tensor(qw, b + "mlp.htoh4_weight", (E, He, D))
-            b1 = _tensor(qw, b + "mlp.htoh4_bias", (E, He))
+            b1 = bias_of(b + "mlp.htoh4_bias", (E, He))
             w2 = _tensor(qw, b + "mlp.h4toh_weight", (E, D, He))
-            b2 = _tensor(qw, b + "mlp.h4toh_bias", (E, D))
+            b2 = bias_of(b + "mlp.h4toh_bias", (E, D))
             for e in range(E):
-                put_stream(b + "mlp.experts.fc1", w1[e], b1[e], e)
-                put_stream(b + "mlp.experts.fc2", w2[e], b2[e], e)
+                put_stream(b + "mlp.experts.fc1", w1[e], b1[e], e, wkey=b + "mlp.htoh4_weight", e=e)
+                put_stream(b + "mlp.experts.fc2", w2[e], b2[e], e, wkey=b + "mlp.h4toh_weight", e=e)
         else:
             H = cfg.mlp_hidden
             put_stream(b + "mlp.fc1", _tensor(qw, b + "mlp.fc1.weight", (H, D)),
-                       _tensor(qw, b + "mlp.fc1.bias", (H,)))
+                       bias_of(b + "mlp.fc1.bias", (H,)), wkey=b + "mlp.fc1.weight")
             put_stream(b + "mlp.fc2", _tensor(qw, b + "mlp.fc2.weight", (D, H)),
-                       _tensor(qw, b + "mlp.fc2.bias", (D,)))
+                       bias_of(b + "mlp.fc2.bias", (D,)), wkey=b + "mlp.fc2.weight")
 
     instrs, names = emit_instructions(cfg, syms)
     regions = plan_regions(cfg, qcfg, hwcfg, wbytes, len(instrs))

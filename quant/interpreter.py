@@ -25,6 +25,7 @@ from .compiler import buffer_plan
 from .config import QuantConfig
 from .fixed import Fmt, FormatError, SatCounter, requantize
 from .intmath import exact_matmul
+from .channel import attention_qcfg
 from .linear import linear_golden, tile_layout
 from .program import (ERR_ADDRESS, ERR_BUFFER, ERR_DATA, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY,
                       INSTR_BYTES, LOAD_ADD, Base, Buf, Index, Instr, Op, Program,
@@ -250,7 +251,8 @@ class Machine:
         idx = {Index.NONE: 0, Index.TASK: regs.task, Index.EXPERT: expert or 0}[ins.index]
         addr = self._base(ins, regs) + idx * ins.stride
         data = self._read(addr, stream_bytes(self.layout, ins.k, ins.n, md.bias), pc)
-        w, b = unpack_weight_stream(data, ins.k, ins.n, md.bias, self.layout)
+        w, b, mult, shift = unpack_weight_stream(data, ins.k, ins.n, md.bias, self.layout, scales=True)
+        scale = (mult, shift) if self.layout.channel else None
         tokens = gate_w = None
         if md.queue:
             tokens, gate_w = self.queues[expert]
@@ -267,7 +269,7 @@ class Machine:
         res = linear_golden(src[:, :ins.k], w, b, q, md, tokens=tokens,
                             gate_w=gate_w if md.gate else None,
                             resid=dst[dsl, :ins.n] if md.resid else None,
-                            rows=rows, sat=self._st.sat, name=f"pc{pc}.linear")
+                            rows=rows, sat=self._st.sat, name=f"pc{pc}.linear", scale=scale)
         if md.resid:
             dst[dsl, :ins.n] = res.resid
         elif md.scatter:
@@ -276,7 +278,8 @@ class Machine:
             dst[dsl, :ins.n] = res.y
 
     def _op_attention(self, ins, pc, regs, expert):
-        q, sat = self.q, self._st.sat
+        # the unit's view: act = its input / output format (attn_in in channel granularity)
+        q, sat = attention_qcfg(self.q), self._st.sat
         n, D, H = ins.rows, ins.k, ins.arg
         if H < 1 or D % H:
             raise ProgramError(ERR_ILLEGAL, pc, f"ATTENTION: k = {D} not divisible by heads {H}")

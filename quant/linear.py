@@ -26,6 +26,11 @@ W[j*T_out + o, c*T_in + i]; the bit string is cut into axi_data_bits beats, beat
 bits, the last beat zero-padded. Bias: lane o at bits [o*bias.bits, ...). Channels beyond N and
 features beyond K are zero (zero weights make the pad lanes of x irrelevant and the pad lanes of
 y zero).
+Granularity "channel" (quant/channel.py): the column header comes first in every layer's stream,
+router included (bias 0 there), and lane o holds bias | multiplier << bias.bits | shift <<
+(bias.bits + mult_bits) in epi_bits = bias.bits + mult_bits + SHIFT_BITS; the requantize is then
+quant.channel.channel_epilogue(acc, bias, M, S) to act (gelu_in for GELU modes, gate_logit for the
+router, all of act's width) and the rest of the epilogue is unchanged.
 """
 from __future__ import annotations
 
@@ -34,10 +39,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import approx
+from .channel import SHIFT_BITS, channel_epilogue
 from .config import QuantConfig
 from .epilogue import requant_golden
 from .fixed import Fmt, FormatError, SatCounter, shift_round
 from .intmath import exact_matmul
+
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,24 @@ class TileLayout:
     w_bits: int        # weight lane width: max(linear_w.bits, patch_w.bits) (signed codes)
     bias_bits: int
     axi_bits: int
+    # granularity "channel": each header lane also carries the channel's epilogue multiplier
+    # (mult_bits, unsigned) and shift (shift_bits, unsigned) above its bias; 0 = class layout
+    mult_bits: int = 0
+    shift_bits: int = 0
+
+    @property
+    def channel(self) -> bool:
+        return self.mult_bits > 0
+
+    @property
+    def epi_bits(self) -> int:
+        """Bits of one header lane: bias (+ multiplier + shift in the channel layout)."""
+        return self.bias_bits + self.mult_bits + self.shift_bits
+
+    def has_header(self, bias: bool) -> bool:
+        """A column header is in the stream: the mode has a bias, or the layout is per channel
+        (its multiplier and shift are needed with or without a bias; the bias is then 0)."""
+        return bool(bias) or self.channel
 
     @property
     def tile_bits(self) -> int:
@@ -108,7 +133,8 @@ class TileLayout:
 
     @property
     def bias_beats(self) -> int:
-        return -(-(self.t_out * self.bias_bits) // self.axi_bits)
+        """Beats of one column header (t_out lanes of epi_bits)."""
+        return -(-(self.t_out * self.epi_bits) // self.axi_bits)
 
     def chunks(self, k: int) -> int:
         return -(-k // self.t_in)
@@ -118,7 +144,8 @@ class TileLayout:
 
     def stream_beats(self, k: int, n: int, bias: bool) -> int:
         """Beats of one layer's weight stream."""
-        return self.tiles(n) * (self.chunks(k) * self.tile_beats + (self.bias_beats if bias else 0))
+        return self.tiles(n) * (self.chunks(k) * self.tile_beats +
+                                (self.bias_beats if self.has_header(bias) else 0))
 
 
 def tile_layout(qcfg: QuantConfig, hwcfg) -> TileLayout:
@@ -129,8 +156,48 @@ def tile_layout(qcfg: QuantConfig, hwcfg) -> TileLayout:
                           "accumulator alignment for both")
     if not (qcfg.linear_w.signed and qcfg.patch_w.signed):
         raise FormatError(f"QuantConfig '{qcfg.name}': the compute unit needs signed weights")
+    chan = qcfg.granularity == "channel"
     return TileLayout(hwcfg.t_in, hwcfg.t_out, max(qcfg.linear_w.bits, qcfg.patch_w.bits),
-                      qcfg.bias.bits, hwcfg.axi_data_bits)
+                      qcfg.bias.bits, hwcfg.axi_data_bits,
+                      qcfg.mult_bits if chan else 0, SHIFT_BITS if chan else 0)
+
+
+def header_lanes(b, n: int, layout: TileLayout, mult=None, shift=None) -> np.ndarray:
+    """The column headers' lane values [tiles(n) * t_out] (non-negative ints of epi_bits): bias
+    in the low bias_bits (two's complement), then multiplier and shift in the channel layout.
+    Pad channels are 0 (their y is then 0 whatever the accumulator holds)."""
+    nc = layout.tiles(n)
+    out = np.zeros(nc * layout.t_out, dtype=np.int64)
+    if b is not None:
+        out[:n] = np.asarray(b, dtype=np.int64).reshape(-1) & ((1 << layout.bias_bits) - 1)
+    if layout.channel:
+        if mult is None or shift is None:
+            raise FormatError("weight stream: the channel layout needs every channel's multiplier and shift")
+        M = np.asarray(mult, dtype=np.int64).reshape(-1)
+        S = np.asarray(shift, dtype=np.int64).reshape(-1)
+        if M.shape != (n,) or S.shape != (n,):
+            raise FormatError(f"weight stream: multiplier {M.shape} / shift {S.shape} != ({n},)")
+        if M.min() < 0 or M.max() >= 1 << layout.mult_bits or S.min() < 0 or S.max() >= 1 << layout.shift_bits:
+            raise FormatError(f"weight stream: multipliers in [{M.min()}, {M.max()}] or shifts in "
+                              f"[{S.min()}, {S.max()}] outside {layout.mult_bits} / {layout.shift_bits} "
+                              "unsigned bits")
+        out[:n] |= (M << layout.bias_bits) | (S << (layout.bias_bits + layout.mult_bits))
+    elif mult is not None or shift is not None:
+        raise FormatError("weight stream: multipliers / shifts given for a class-granularity layout")
+    return out
+
+
+def split_header(lanes, layout: TileLayout):
+    """Inverse of header_lanes: (bias signed, multiplier, shift) arrays (None, None in class)."""
+    v = np.asarray(lanes, dtype=np.int64)
+    BB = layout.bias_bits
+    b = v & ((1 << BB) - 1)
+    b = np.where(b >= 1 << (BB - 1), b - (1 << BB), b)
+    if not layout.channel:
+        return b, None, None
+    M = (v >> BB) & ((1 << layout.mult_bits) - 1)
+    S = (v >> (BB + layout.mult_bits)) & ((1 << layout.shift_bits) - 1)
+    return b, M, S
 
 
 def _pack(codes, bits: int) -> int:
@@ -154,19 +221,19 @@ def pad_weights(w, k_pad: int, n_pad: int) -> np.ndarray:
     return out
 
 
-def pack_weight_stream(w, b, layout: TileLayout) -> list[int]:
+def pack_weight_stream(w, b, layout: TileLayout, mult=None, shift=None) -> list[int]:
     """The layer's weight stream (list of axi beats as ints), in the order the unit reads it
-    (module docstring). b is None for a mode without bias."""
+    (module docstring). b is None for a mode without bias; mult / shift: the channel layout's
+    epilogue integers per output channel."""
     w = np.asarray(w, dtype=np.int64)
     n, k = w.shape
     kc, nc = layout.chunks(k), layout.tiles(n)
     wp = pad_weights(w, kc * layout.t_in, nc * layout.t_out)
-    bp = None if b is None else np.concatenate([np.asarray(b, dtype=np.int64),
-                                                np.zeros(nc * layout.t_out - n, dtype=np.int64)])
+    hdr = header_lanes(b, n, layout, mult, shift) if layout.has_header(b is not None) else None
     beats = []
     for j in range(nc):
-        if bp is not None:
-            beats += _beats(_pack(bp[j * layout.t_out:(j + 1) * layout.t_out], layout.bias_bits),
+        if hdr is not None:
+            beats += _beats(_pack(hdr[j * layout.t_out:(j + 1) * layout.t_out], layout.epi_bits),
                             layout.bias_beats, layout.axi_bits)
         for c in range(kc):
             tile = wp[j * layout.t_out:(j + 1) * layout.t_out, c * layout.t_in:(c + 1) * layout.t_in]
@@ -192,16 +259,24 @@ def _in_range(name, q, fmt: Fmt):
         raise FormatError(f"linear: '{name}'[{i}] = {int(q[i])} outside {fmt}")
 
 
+def channel_out_fmt(qcfg: QuantConfig, md: LinearMode) -> Fmt:
+    """Format the channel epilogue writes: gate_logit (router), gelu_in (GELU modes), else act
+    (qkv's attn_in codes have act's width: quant.channel.check_channel_datapath)."""
+    return qcfg.gate_logit if md.logit else qcfg.gelu_in if md.gelu else qcfg.act
+
+
 def linear_golden(x, w, b, qcfg: QuantConfig, mode, *, tokens=None, gate_w=None, resid=None,
                   rows: int | None = None, sat: SatCounter | None = None,
-                  name: str = "linear") -> LinearResult:
+                  name: str = "linear", scale=None) -> LinearResult:
     """One layer in `mode` (a MODES key or LinearMode); see the module docstring.
 
     x: [rows_buf, K] source buffer (act codes); rows = len(tokens) with gather, else `rows`
     (default: all rows of x). w: [N, K] codes in linear_w (patch_w for patch modes); b: [N] bias
     codes or None (required iff mode.bias). tokens: [rows] int token indices (gather/scatter),
     gate_w: [rows] gate_prob codes (gate). resid: [rows_buf', N] act codes, the residual
-    buffer (resid modes); it is not modified, the updated copy is returned.
+    buffer (resid modes); it is not modified, the updated copy is returned. scale: granularity
+    "channel" only, (multiplier [N], shift [N]) of the channel epilogue
+    (quant.channel.channel_epilogue replaces the requantize; b = None means a zero bias).
     """
     q, md = qcfg, get_mode(mode)
     x = np.asarray(x, dtype=np.int64)
@@ -210,7 +285,11 @@ def linear_golden(x, w, b, qcfg: QuantConfig, mode, *, tokens=None, gate_w=None,
         raise FormatError(f"linear '{name}': x {x.shape} and w {w.shape} must be [rows, K] and [N, K]")
     n = w.shape[0]
     w_fmt = q.patch_w if md.patch else q.linear_w
-    if q.acc.frac != q.act.frac + w_fmt.frac:
+    chan = q.granularity == "channel"
+    if chan != (scale is not None):
+        raise FormatError(f"linear '{name}': granularity '{q.granularity}' "
+                          f"{'needs' if chan else 'takes no'} per-channel multipliers and shifts")
+    if not chan and q.acc.frac != q.act.frac + w_fmt.frac:
         raise FormatError(f"QuantConfig '{q.name}': acc.frac {q.acc.frac} != act.frac + "
                           f"{'patch_w' if md.patch else 'linear_w'}.frac")
     _in_range("x", x, q.act)
@@ -235,7 +314,7 @@ def linear_golden(x, w, b, qcfg: QuantConfig, mode, *, tokens=None, gate_w=None,
         xin = x[:rows]
     dest = tokens if md.scatter else np.arange(rows, dtype=np.int64)
 
-    if md.bias:
+    if md.bias or (chan and b is not None):
         if b is None or np.shape(b) != (n,):
             raise FormatError(f"linear '{name}': mode '{md.name}' needs a bias of shape ({n},)")
         bias = np.broadcast_to(np.asarray(b, dtype=np.int64), (rows, n))
@@ -245,9 +324,16 @@ def linear_golden(x, w, b, qcfg: QuantConfig, mode, *, tokens=None, gate_w=None,
         bias = np.zeros((rows, n), dtype=np.int64)
 
     acc = exact_matmul(xin, w.T)
-    rq = q.replace(act=q.gate_logit) if md.logit else q
-    y, s = requant_golden(acc[..., None], bias[..., None], rq, name=name)
-    y, events = y[..., 0], s.copy()        # per element: the lane axis has length 1
+    if chan:
+        mult, shift = (np.asarray(a, dtype=np.int64).reshape(-1) for a in scale)
+        if mult.shape != (n,) or shift.shape != (n,):
+            raise FormatError(f"linear '{name}': multiplier {mult.shape} / shift {shift.shape} != ({n},)")
+        y, over = channel_epilogue(acc, bias, mult, shift, channel_out_fmt(q, md), q)
+        events = over.astype(np.int64)
+    else:
+        rq = q.replace(act=q.gate_logit) if md.logit else q
+        y, s = requant_golden(acc[..., None], bias[..., None], rq, name=name)
+        y, events = y[..., 0], s.copy()        # per element: the lane axis has length 1
     if sat is not None:
         sat.add(name, int(events.sum()), events.size)
 

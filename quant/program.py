@@ -51,7 +51,9 @@ Opcodes (semantics; rows r < rows, "fit" = saturate to act per qcfg.overflow, co
              With GATHER / SCATTER / GATE the rows are the current expert's queue (rows = 0,
              row_off = 0, only inside an EXPERT_LOOP body).
   ATTENTION  all heads of softmax(Q.K^T) V: src = W[:rows, :3k] = [Q | K | V] act codes (head h
-             in columns h*dh..(h+1)*dh of each, dh = k / arg), requantised to attn_in; scores to
+             in columns h*dh..(h+1)*dh of each, dh = k / arg), requantised to attn_in (granularity
+             "channel": src is already attn_in codes and dst stays in attn_in codes,
+             quant.channel.attention_qcfg); scores to
              `score` (Q carries log2(e)/sqrt(dh)); online softmax statistics in the key order
              quant.schedule.row_key_order(rows, HWConfig.attn_p); p = 2**(s-m) * (1/S) in prob;
              dst[:rows, :k] = requant(p @ V) in act.
@@ -70,7 +72,9 @@ Data in memory (all little-endian, two's complement for signed formats)
     packed (row pitch = k * container bytes); a vector or row block starts on a beat boundary.
   * weight streams: bit-packed exactly as quant.linear documents (pack_weight_stream): per output
     tile column, the bias (t_out lanes x bias.bits) then kc tiles of t_in x t_out codes at
-    max(linear_w, patch_w).bits each, every part padded to whole axi_data_bits beats; beat b of a
+    max(linear_w, patch_w).bits each (granularity "channel": every column has a header whose
+    lanes carry bias, multiplier and shift, quant.linear.header_lanes), every part padded to
+    whole axi_data_bits beats; beat b of a
     part is bytes [b*B, (b+1)*B) (B = axi_data_bits / 8), bit i of the part is bit i%8 of byte
     i//8. weight_stream() here is the vectorised twin of quant.linear.pack_weight_stream (tested
     byte-equal).
@@ -108,7 +112,7 @@ import numpy as np
 
 from .config import QuantConfig
 from .fixed import Fmt, FormatError
-from .linear import TileLayout, pad_weights
+from .linear import TileLayout, header_lanes, pad_weights, split_header
 
 FORMAT_NAME = "edgemoe-program"
 FORMAT_VERSION = 1
@@ -396,9 +400,10 @@ def stream_bytes(layout: TileLayout, k: int, n: int, bias: bool) -> int:
 
 
 def weight_stream(w, b, layout: TileLayout, w_fmt: Fmt | None = None, bias_fmt: Fmt | None = None,
-                  name: str = "weights") -> np.ndarray:
+                  name: str = "weights", mult=None, shift=None) -> np.ndarray:
     """One layer's weight stream as bytes (uint8), identical to
-    b''.join(beat.to_bytes(B, 'little') for beat in quant.linear.pack_weight_stream(w, b, layout))."""
+    b''.join(beat.to_bytes(B, 'little') for beat in quant.linear.pack_weight_stream(w, b, layout,
+    mult, shift)). mult / shift: the channel layout's epilogue integers per output channel."""
     w = np.asarray(w, dtype=np.int64)
     if w.ndim != 2:
         raise FormatError(f"'{name}': weights must be [N, K], got shape {w.shape}")
@@ -415,19 +420,25 @@ def weight_stream(w, b, layout: TileLayout, w_fmt: Fmt | None = None, bias_fmt: 
     tiles = wp.reshape(nc, layout.t_out, kc, layout.t_in).transpose(0, 2, 3, 1)
     tb = pack_bits(tiles.reshape(nc * kc, layout.t_in * layout.t_out), layout.w_bits,
                    layout.tile_beats * B).reshape(nc, kc * layout.tile_beats * B)
-    if b is not None:
-        if np.shape(b) != (n,):
-            raise FormatError(f"'{name}': bias shape {np.shape(b)} != ({n},)")
-        bp = np.zeros(nc * layout.t_out, dtype=np.int64)
-        bp[:n] = np.asarray(b, dtype=np.int64).reshape(-1)
-        bb = pack_bits(bp.reshape(nc, layout.t_out), layout.bias_bits, layout.bias_beats * B)
+    if b is not None and np.shape(b) != (n,):
+        raise FormatError(f"'{name}': bias shape {np.shape(b)} != ({n},)")
+    if layout.has_header(b is not None):
+        try:
+            hdr = header_lanes(b, n, layout, mult, shift)
+        except FormatError as e:
+            raise FormatError(f"'{name}': {e}") from None
+        bb = pack_bits(hdr.reshape(nc, layout.t_out), layout.epi_bits, layout.bias_beats * B)
         tb = np.concatenate([bb, tb], axis=1)
+    elif mult is not None or shift is not None:
+        raise FormatError(f"'{name}': multipliers / shifts given for a class-granularity layout")
     return tb.reshape(-1)
 
 
-def unpack_weight_stream(data, k: int, n: int, bias: bool, layout: TileLayout):
-    """Inverse of weight_stream: bytes -> (w [n, k], b [n] or None). Reads exactly
-    stream_bytes(layout, k, n, bias) bytes; padding lanes are dropped."""
+def unpack_weight_stream(data, k: int, n: int, bias: bool, layout: TileLayout, scales: bool = False):
+    """Inverse of weight_stream: bytes -> (w [n, k], b [n] or None), with scales=True
+    (w, b, mult [n] or None, shift [n] or None). Reads exactly stream_bytes(layout, k, n, bias)
+    bytes; padding lanes are dropped. In the channel layout a bias-less mode's header bias (0)
+    is returned as b."""
     B = layout.axi_bits // 8
     kc, nc = layout.chunks(k), layout.tiles(n)
     u8 = np.frombuffer(bytes(data), dtype=np.uint8) if not isinstance(data, np.ndarray) else data
@@ -435,14 +446,17 @@ def unpack_weight_stream(data, k: int, n: int, bias: bool, layout: TileLayout):
     if u8.size < need:
         raise FormatError(f"weight stream: {u8.size} bytes, need {need}")
     col = u8[:need].reshape(nc, -1)
-    bb = layout.bias_beats * B if bias else 0
-    b = None
-    if bias:
-        b = unpack_bits(col[:, :bb], layout.t_out, layout.bias_bits).reshape(-1)[:n]
+    hdr = layout.has_header(bias)
+    bb = layout.bias_beats * B if hdr else 0
+    b = M = S = None
+    if hdr:
+        lanes = unpack_bits(col[:, :bb], layout.t_out, layout.epi_bits, signed=False).reshape(-1)[:n]
+        b, M, S = split_header(lanes, layout)
     tiles = unpack_bits(col[:, bb:].reshape(nc * kc, layout.tile_beats * B),
                         layout.t_in * layout.t_out, layout.w_bits)
     wp = tiles.reshape(nc, kc, layout.t_in, layout.t_out).transpose(0, 3, 1, 2)
-    return wp.reshape(nc * layout.t_out, kc * layout.t_in)[:n, :k], b
+    w = wp.reshape(nc * layout.t_out, kc * layout.t_in)[:n, :k]
+    return (w, b, M, S) if scales else (w, b)
 
 
 def quantise_image(cfg, qcfg: QuantConfig, image, sat=None) -> np.ndarray:

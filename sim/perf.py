@@ -50,7 +50,7 @@ def linear_timing(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode="qkv") -> 
     g = compute_geometry(qcfg, hwcfg)
     lay = g.layout
     R, kc, nc = rows, lay.chunks(k_in), lay.tiles(n_out)
-    Bt, Bb = lay.tile_beats, (lay.bias_beats if md.bias else 0)
+    Bt, Bb = lay.tile_beats, (lay.bias_beats if lay.has_header(md.bias) else 0)
     ms = g.mac_stages
     epi = 1 + g.epi_latency(md.gelu)   # epilogue start -> first issue, issue -> y handshake
 

@@ -191,7 +191,7 @@ def linear_layer(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode) -> dict:
     md = get_mode(mode)
     g = _geometry(qcfg, hwcfg)
     lay = g.layout
-    bias_beats = lay.bias_beats if md.bias else 0
+    bias_beats = lay.bias_beats if lay.has_header(md.bias) else 0
     r = beat_rate(hwcfg)
     if r >= 1.0:
         t = linear_timing(rows, k_in, n_out, hwcfg, qcfg, mode)

@@ -6,7 +6,8 @@ Per unit (every number labelled with its source in the result):
                  BRAM = 2 accumulator banks of act_buffer_tokens x T_out*acc.bits;
                  LUT/FF = tests/baselines/synth_compute.json (MAC array + epilogue) scaled by
                  T_in*T_out*(act + weight bits), minus the epilogue's share.
-  epilogue       T_out lanes of Requant and GELU: tests/baselines/synth_requant.json and
+  epilogue       T_out lanes of Requant (granularity "channel": ChannelRequant,
+                 synth_channel_requant.json) and GELU: tests/baselines/synth_requant.json and
                  synth_gelu.json (yosys synth_xilinx, hwcfg.lanes lanes) scaled by T_out/lanes;
                  gate multiply T_out * dsp(act x gate_prob+1); residual add T_out*act.bits LUT.
   attention_qk   the attention engine (hw/attention.py) less its softmax parts: DSP = P*head_dim*
@@ -115,12 +116,25 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
     epi = {"lut": To * A, "ff": 3 * To * A, "dsp": To * dsp_per_mult(A, q.gate_prob.bits + 1),
            "bram36": 0}
     parts = ["gate multiply + residual add analytic"]
-    for unit in ("requant", "gelu"):
+    # granularity "channel": hw/channel_requant.py (multiplier + barrel shift) replaces Requant
+    rq_unit = "channel_requant" if q.granularity == "channel" else "requant"
+    if rq_unit == "channel_requant" and load_baseline(rq_unit, baseline_dir) is None:
+        from edgemoe.hw.channel_requant import ChannelRequant
+        cr = ChannelRequant(q, hw.replace(lanes=To))
+        cr._MustUse__silence = True
+        epi["dsp"] += To * dsp_per_mult(cr.sum_bits, q.mult_bits + 1)
+        epi["lut"] += To * cr.prod_bits * 4
+        epi["ff"] += To * (cr.sum_bits + 2 * cr.prod_bits + A + 2 * q.mult_bits)
+        parts.append("channel_requant: ASSUMPTION (no synth baseline): multiplier DSP, "
+                     "4 LUT per product bit (shifter + round)")
+    for unit in (rq_unit, "gelu"):
         b = load_baseline(unit, baseline_dir)
         if b is None:
             parts.append(f"{unit}: no baseline")
             continue
         sc = _scaled(b, To / _baseline_hw(b).lanes, A / _baseline_q(b).act.bits, "T_out lanes")
+        if unit == "channel_requant":     # DSP per lane is set by acc x mult, not act: lanes only
+            sc["dsp"] = round(b["dsp"] * To / _baseline_hw(b).lanes)
         for k in KEYS:
             epi[k] += sc[k]
         parts.append(sc["source"])

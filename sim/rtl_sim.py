@@ -176,9 +176,15 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
     report = {"model": cfg.name, "quant": q.name, "hw": hw.name, "hwcfg": hw.to_dict(),
               "clock_mhz": hw.clock_mhz, "simulator": simulator + ("-fast" if fast else ""), "build_s": res.get("build_s"),
               "sim_s": res.get("sim_s"), "cold_build_s": res.get("cold_build_s"), "wall_s": wall, "tasks": {}}
+    # the cycle model sees the DRAM the simulation ran with (the beat rate as dram_gbps)
+    mhw = hw
+    if beats_per_cycle is not None:
+        mhw = mhw.replace(dram_gbps=float(beats_per_cycle) * hw.axi_data_bits / 8 * hw.clock_mhz * 1e-3)
+    if latency_cycles is not None:
+        mhw = mhw.replace(dram_latency_cycles=int(latency_cycles))
     for t in tasks:
         r = res["tasks"][t]
-        model = inference_cycles(cfg, q, hw, routing_of(program, gold[t].stats), routing_source="golden")
+        model = inference_cycles(cfg, q, mhw, routing_of(program, gold[t].stats), routing_source="golden")
         lin_macs = sum(x["macs"] for x in model["layers"] if x["peak_macs_per_cycle"] == hw.t_in * hw.t_out)
         bd = breakdown(program, r, model)
         rep = {k: r[k] for k in ("cycles", "dram_bytes_read", "dram_bytes_written", "sat_count",

@@ -95,19 +95,35 @@ def build_program(shape: str, qcfg, hwcfg, seed: int = 0, kinds=None, max_expert
     def padw(n, unit):
         return -(-n // unit) * unit
 
+    chan = q.granularity == "channel"
+    W_STD = 40.0          # channel granularity: int8 weight codes of this spread (scale in M, S)
+
     def act(shape_, std):
         return q.act.quantize(rng.normal(0.0, std, shape_))
 
     def weights(n, k, w_fmt, extreme=True):
-        w = w_fmt.quantize(rng.normal(0.0, 1.0 / np.sqrt(k), (n, k)))
+        if chan:
+            w = np.clip(np.round(rng.normal(0.0, W_STD, (n, k))), w_fmt.min_int, w_fmt.max_int).astype(np.int64)
+        else:
+            w = w_fmt.quantize(rng.normal(0.0, 1.0 / np.sqrt(k), (n, k)))
         if extreme and n > 1:
             w[1] = w_fmt.max_int           # one channel at the largest code: saturates
         return w
 
     def bias(n):
-        b = q.bias.quantize(rng.normal(0.0, 0.05, n))
+        if chan:     # accumulator-scale biases, of the size of a typical dot product
+            b = np.round(rng.normal(0.0, 0.05 * 2 ** q.act.frac * W_STD * 8, n)).astype(np.int64)
+        else:
+            b = q.bias.quantize(rng.normal(0.0, 0.05, n))
         b[0], b[-1] = q.bias.max_int, q.bias.min_int
         return b
+
+    def scales(n, k):
+        """Channel granularity: per-channel (multiplier, shift) that bring a dot product of k
+        terms back to about act's std (spread over a decade), as quant.channel.multiplier makes them."""
+        from edgemoe.quant.channel import multiplier
+        m = np.exp(rng.uniform(np.log(0.3), np.log(3.0), n)) / (W_STD * np.sqrt(k))
+        return multiplier(m, q.mult_bits, "tb_compute")
 
     # buffers (unpadded golden state)
     bufs = {}
@@ -135,10 +151,14 @@ def build_program(shape: str, qcfg, hwcfg, seed: int = 0, kinds=None, max_expert
         if dst not in bufs:
             bufs[dst] = np.zeros((out_rows, n), dtype=np.int64)
         pre = {src: pad_to(bufs[src], kp), dst: pad_to(bufs[dst], npd)}
+        M = S = scale = None
+        if chan:      # pad channels: multiplier 0 (as the stream's zero header lanes)
+            M, S = scales(n, k)
+            scale = (np.pad(M, (0, npd - n)), np.pad(S, (0, npd - n)))
         res = linear_golden(pad_to(bufs[src], kp), np.pad(w, ((0, npd - n), (0, kp - k))),
                             None if b is None else np.pad(b, (0, npd - n)), q, md,
                             tokens=tokens, gate_w=gate, resid=pre[dst] if md.resid else None,
-                            rows=rows, sat=sat, name=name)
+                            rows=rows, sat=sat, name=name, scale=scale)
         if md.resid:
             bufs[dst] = res.resid[:, :n]
         else:
@@ -151,7 +171,7 @@ def build_program(shape: str, qcfg, hwcfg, seed: int = 0, kinds=None, max_expert
                 lanes = res.y[r, j * To:(j + 1) * To]
                 exp.append((int(res.dest[r]), j, tuple(int(v) for v in lanes),
                             int(res.sat[r, j * To:(j + 1) * To].sum())))
-        beats = pack_weight_stream(w, b, lay)
+        beats = pack_weight_stream(w, b, lay, M, S)
         layers.append(Layer(name, kind, md, len(res.dest), k, n, src, dst, beats,
                             None if tokens is None else np.asarray(tokens),
                             None if gate is None else np.asarray(gate), pre, exp, Ti, To,

@@ -126,19 +126,31 @@ def test_preset_fields():
         Q.replace(mult_bits=40)
 
 
-def test_compiler_and_generator_refuse_channel_granularity():
-    from edgemoe.hw.accel import check_buildable
+def test_channel_program_runs_golden_exact():
+    """The compiled w8a16-channel program (per-channel headers in every weight stream, Q/K/V and
+    the attention output in attn_in codes) on the program executor equals GoldenModel as
+    integers, both tasks; the features are not trivial."""
     from edgemoe.hw.config import get_hw_preset
-    from edgemoe.model.m3vit import M3ViT
-    from edgemoe.quant.compiler import compile_program
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.golden import GoldenModel
+    from edgemoe.quant.interpreter import run_program
+    from edgemoe.quant.qweights import quantize_weights
 
     cfg = get_preset("tiny")
     hw = get_hw_preset("small-8x8")
-    with pytest.raises(FormatError, match="granularity 'channel'.*the accelerator generator"):
-        check_buildable(cfg, Q, hw)
-    sd = M3ViT(cfg, seed=0).state_dict()
-    with pytest.raises(FormatError, match="granularity 'channel'.*the compiler"):
-        compile_program(cfg, Q, hw, sd)
+    qw = quantize_weights(cfg, Q, synthetic_state_dict(cfg, 0))
+    prog = compile_program(cfg, Q, hw, qw)
+    gm = GoldenModel(cfg, Q, qw, hw.attn_p)
+    img = np.random.default_rng(3).uniform(-1, 1, (cfg.in_chans, cfg.img_h, cfg.img_w))
+    for task in cfg.tasks:
+        gold = gm.forward(img, task)
+        got = run_program(prog, img, task)
+        np.testing.assert_array_equal(got.features, gold.features)
+        assert np.abs(gold.features).max() > 100 and len(np.unique(gold.features)) > 100
+    # a channel program needs the per-channel epilogue of its weights
+    class_qw = quantize_weights(cfg, get_quant_preset("w8a16"), synthetic_state_dict(cfg, 0))
+    with pytest.raises(FormatError, match="per-channel epilogue"):
+        compile_program(cfg, Q, hw, class_qw)
 
 
 def _fidelity(cfg, weights, tasks=None):

@@ -11,6 +11,7 @@ from edgemoe.quant.compiler import (FitError, bram36, buffer_plan, check_fit, co
 from edgemoe.quant.config import get_quant_preset
 from edgemoe.quant.golden import GoldenModel
 from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, run_program
+from edgemoe.quant.fixed import FormatError
 from edgemoe.quant.linear import MODES, TileLayout, pack_weight_stream
 from edgemoe.quant.program import (ERR_ADDRESS, ERR_BUFFER, ERR_ILLEGAL, ERR_LOOP, ERR_RUNAWAY, FIELDS,
                            INSTR_BYTES, USED, Base, Buf, Flag, Index, Instr, Op, ProgramError,
@@ -139,6 +140,34 @@ def test_weight_stream_equals_quant_linear_layout(lay, k, n):
         np.testing.assert_array_equal(w2, w)
         if bias is not None:
             np.testing.assert_array_equal(b2, b)
+
+
+@pytest.mark.parametrize("lay,k,n", [(TileLayout(16, 16, 8, 32, 256, 16, 6), 40, 20),
+                                     (TileLayout(4, 8, 8, 12, 64, 8, 6), 13, 11)])
+def test_channel_weight_stream_headers(lay, k, n):
+    """Channel layout: every column header carries bias, multiplier and shift per lane, also for
+    a bias-less mode (bias 0); both packers agree and the stream unpacks to the same integers."""
+    rng = np.random.default_rng(n)
+    w = rng.integers(-127, 128, (n, k))
+    b = rng.integers(-(1 << (lay.bias_bits - 1)), 1 << (lay.bias_bits - 1), n)
+    M = rng.integers(1 << (lay.mult_bits - 1), 1 << lay.mult_bits, n)
+    S = rng.integers(0, 64, n)
+    assert lay.has_header(False) and lay.epi_bits == lay.bias_bits + lay.mult_bits + 6
+    for bias in (b, None):
+        ref = b"".join(x.to_bytes(lay.axi_bits // 8, "little") for x in pack_weight_stream(w, bias, lay, M, S))
+        got = weight_stream(w, bias, lay, mult=M, shift=S)
+        assert got.tobytes() == ref and got.size == lay.stream_beats(k, n, False) * lay.axi_bits // 8
+        w2, b2, M2, S2 = unpack_weight_stream(got, k, n, bias is not None, lay, scales=True)
+        np.testing.assert_array_equal(w2, w)
+        np.testing.assert_array_equal(b2, b if bias is not None else np.zeros(n))
+        np.testing.assert_array_equal(M2, M)
+        np.testing.assert_array_equal(S2, S)
+    with pytest.raises(FormatError, match="multiplier and shift"):
+        weight_stream(w, b, lay)
+    with pytest.raises(FormatError, match="outside"):
+        weight_stream(w, b, lay, mult=M, shift=S + 64)
+    with pytest.raises(FormatError, match="class-granularity"):
+        weight_stream(w, b, TileLayout(16, 16, 8, 32, 256), mult=M, shift=S)
 
 
 def test_program_shape_and_address_map(tiny):

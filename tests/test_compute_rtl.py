@@ -23,6 +23,7 @@ TOP = "edgemoe_compute"
 TB = "edgemoe.sim.tb_compute"
 Q = get_quant_preset("edge-moe-fixed")
 W8 = get_quant_preset("w8a16")
+WC = get_quant_preset("w8a16-channel")
 HW16 = get_hw_preset("zcu102-16x16")
 HW8 = get_hw_preset("small-8x8")
 HW32 = HWConfig(name="t32x16", t_in=32, t_out=16)
@@ -318,6 +319,17 @@ def test_compute_verilator_w8a16_8x8():
     res, layers, sat = run_compute(W8, HW8N, [CLEAN, STRESS],
                                    kinds=["proj", "fc1", "router", "expert_fc1", "expert_fc2"])
     assert res["phases"][0]["sat"] > 50
+
+
+def test_compute_verilator_w8a16_channel_8x8():
+    """Granularity "channel": every column header carries bias + multiplier + shift per lane
+    (the router's too, with bias 0), the epilogue is hw/channel_requant.py; every mode, clean
+    and stressed, equals linear_golden with the per-channel epilogue lane by lane."""
+    lay = tile_layout(WC, HW8)
+    assert lay.channel and lay.bias_beats == 2 and lay.stream_beats(8, 8, False) == 2 + lay.tile_beats == 4
+    res, layers, sat = run_compute(WC, HW8, [CLEAN, STRESS])
+    assert {L.mode.name for L in layers} == set(MODES)
+    _covers_every_narrowing(sat, layers)
 
 
 def test_compute_testbench_catches_wrong_rounding():

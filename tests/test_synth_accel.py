@@ -215,20 +215,27 @@ def test_synth_accel_tiny_resource_baseline(tmp_path):
     check_synth_baseline("accel_tiny", res)
 
 
-def test_resource_model_matches_synthesised_top():
+@pytest.mark.parametrize("baseline,quant,hw", [
+    ("synth_accel_edge_moe.json", "edge-moe-fixed", "zcu102-16x16"),
+    ("synth_accel_edge_moe_w8.json", "w8a16-channel", "zcu102-w8-32x32")])
+def test_resource_model_matches_synthesised_top(baseline, quant, hw):
     """sim/resources.py (used by the sweep and the power model) against the real synthesis of
-    the whole edge-moe top (tests/baselines/synth_accel_edge_moe.json): within 10 % per resource."""
+    the whole edge-moe top (tests/baselines/, `edgemoe synth --top`): within 10 % per resource;
+    the synthesised top fits its part."""
     import json
     from pathlib import Path
-    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.hw.config import PARTS, get_hw_preset
     from edgemoe.model.config import get_preset
     from edgemoe.quant.config import get_quant_preset
     from edgemoe.sim.resources import estimate_resources
-    syn = json.loads((Path(__file__).parent / "baselines" / "synth_accel_edge_moe.json").read_text())
-    est = estimate_resources(get_preset("edge-moe"), get_quant_preset("edge-moe-fixed"),
-                             get_hw_preset("zcu102-16x16"))["total"]
+    syn = json.loads((Path(__file__).parent / "baselines" / baseline).read_text())
+    assert syn["config"]["quant"] == quant and syn["config"]["hw"] == hw
+    h = get_hw_preset(hw)
+    est = estimate_resources(get_preset("edge-moe"), get_quant_preset(quant), h)["total"]
+    part = PARTS[h.part]
     for k in ("lut", "ff", "dsp", "bram36"):
         assert abs(est[k] - syn[k]) <= 0.10 * syn[k], (k, est[k], syn[k])
+        assert syn[k] <= getattr(part, k), (k, syn[k], getattr(part, k))
 
 
 def test_fit_problems_name_the_resource():
