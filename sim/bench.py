@@ -61,7 +61,8 @@ def bench_cpu_baseline(preset: str = "edge-moe") -> dict:
     return out
 
 
-def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json") -> dict:
+def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json",
+              quant: str = "edge-moe-fixed", hw_name: str | None = None, fast: bool = False) -> dict:
     """Measured in the RTL simulation of the whole accelerator (sim/rtl_sim.py): per layer type,
     cycles (RTL vs cycle model) and utilisation = useful MACs / (lanes x measured cycles) of the
     unit that runs it (MAC array T_in*T_out; attention engine P*head_dim). Reuses the JSON of
@@ -77,10 +78,10 @@ def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json
         from edgemoe.quant.compiler import compile_program, synthetic_state_dict
         from edgemoe.quant.qweights import quantize_weights
         from edgemoe.sim.rtl_sim import simulate
-        cfg, q = get_preset(preset), get_quant_preset("edge-moe-fixed")
-        hw = get_hw_preset("zcu102-16x16" if preset != "tiny" else "small-8x8")
+        cfg, q = get_preset(preset), get_quant_preset(quant)
+        hw = get_hw_preset(hw_name or ("zcu102-16x16" if preset != "tiny" else "small-8x8"))
         prog = compile_program(cfg, q, hw, quantize_weights(cfg, q, synthetic_state_dict(cfg)))
-        rep = simulate(prog, [cfg.tasks[0]], out_dir=f"out/bench/rtl_{preset}")
+        rep = simulate(prog, [cfg.tasks[0]], out_dir=f"out/bench/rtl_{preset}_{hw.name}", fast=fast)
         src = "fresh simulation"
     out = {"source": src, "hw": rep["hw"], "tasks": {}}
     for task, r in rep["tasks"].items():
@@ -92,7 +93,26 @@ def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json
                 print(f"  {('attention' if t == 'qk' else t):<12} {d['rtl']:>10,} cycles  "
                       f"{d['macs'] / 1e6:>8.1f} MMAC  utilisation {d['utilisation']:.3f} "
                       f"(of {d['peak_macs_per_cycle']} MACs/cycle)")
-        out["tasks"][task] = {"cycles": r["cycles"], "ms": r["ms"], "per_type": r["breakdown"]["per_type"]}
+        print(f"  where the cycles go (cycle model split, RTL total {r['cycles']:,}):")
+        for t, d in r.get("model_split", {}).items():
+            tot = sum(d.values()) or 1
+            print(f"  {t:<12} compute {d['compute']:>9,}  DRAM wait {d['dram_wait']:>8,}  "
+                  f"overhead {d['overhead']:>7,}  ({d['dram_wait'] / tot:.0%} waiting on DRAM)")
+        out["tasks"][task] = {"cycles": r["cycles"], "ms": r["ms"], "per_type": r["breakdown"]["per_type"],
+                              "model_split": r.get("model_split"),
+                              "mac_array_utilisation": r["mac_array_utilisation"]}
+    return out
+
+
+def bench_rtl_w8() -> dict:
+    """The 8-bit-weight design (issue 12): edge-moe / w8a16-channel / zcu102-w8-32x32 in RTL
+    (reuses `make sim-full-w8`'s JSON, else one task on the fast path), against its targets."""
+    out = bench_rtl("edge-moe", "out/sim-full-w8/simulate.json", "w8a16-channel", "zcu102-w8-32x32",
+                    fast=True)
+    for task, r in out["tasks"].items():
+        print(f"targets, task {task}: cycles {r['cycles']:,} <= 1,200,000: {r['cycles'] <= 1_200_000}; "
+              f"MAC-array utilisation {r['mac_array_utilisation']:.3f} >= 0.85: "
+              f"{r['mac_array_utilisation'] >= 0.85}")
     return out
 
 
@@ -201,7 +221,7 @@ def bench_data() -> dict:
 
 
 BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data,
-           "rtl": bench_rtl, "fast_sim": bench_fast_sim,
+           "rtl": bench_rtl, "rtl_w8": bench_rtl_w8, "fast_sim": bench_fast_sim,
            "fast_sim_flags": bench_fast_sim_flags}
 
 

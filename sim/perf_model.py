@@ -411,7 +411,8 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                 par_beats = -(-rd // B)
                 s = {"compute": ins.rows * wpr,
                      "dram_wait": hwcfg.dram_latency_cycles + stretch(par_beats, rate),
-                     "overhead": lat["layernorm"] + 2 * wpr + 3 - stretch(par_beats, rate)}
+                     # the parameter beats overlap the unit's fill; a slow DRAM can outlast it
+                     "overhead": max(0, lat["layernorm"] + 2 * wpr + 3 - stretch(par_beats, rate))}
                 s["cycles"] = sum(s.values())
                 row(name, "layernorm", pc, with_fetch(s), nrows=ins.rows, **kw)
             elif op in (Op.LOAD_ROWS, Op.STORE):

@@ -167,3 +167,21 @@ def test_slower_dram_stretches_loads():
 def test_breakdown_text(tiny):
     txt = pm.format_breakdown(tiny)
     assert "ESTIMATE" in txt and "expert_fc1" in txt and f"{tiny['totals']['cycles']:,}" in txt
+
+
+def test_slow_dram_on_the_32x32_design():
+    """zcu102-w8-32x32 at a quarter beat per cycle (the bytes per cycle of a 128-bit HP port at
+    half a beat): LayerNorm's parameter beats outlast the unit's fill, every split stays
+    non-negative (asserted per row), and the expert layers turn DRAM-bound."""
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.sim.perf_model import inference_cycles
+    cfg, q = get_preset("edge-moe"), get_quant_preset("w8a16-channel")
+    hw = get_hw_preset("zcu102-w8-32x32")
+    fast = inference_cycles(cfg, q, hw)
+    slow = inference_cycles(cfg, q, hw.replace(dram_gbps=2.4))
+    assert slow["totals"]["cycles"] > 1.3 * fast["totals"]["cycles"]
+    e = slow["by_type"]["expert_fc1"]
+    assert e["dram_wait"] > e["compute"]
+    assert slow["by_type"]["layernorm"]["overhead"] >= 0
