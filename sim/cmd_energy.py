@@ -81,6 +81,19 @@ def rtl_cycles(path, task: str | None = None) -> tuple[int, str]:
                      f"keys: {sorted(d)}")
 
 
+def rtl_dram_bytes(path, task: str | None = None) -> int | None:
+    """Bytes read + written over the AXI port in the RTL run (simulate.json's
+    dram_bytes_read / _written of the task, else the first), None when the JSON has none."""
+    d = json.loads(Path(path).read_text())
+    tasks = d.get("tasks") if isinstance(d, dict) else None
+    if not isinstance(tasks, dict) or not tasks:
+        return None
+    r = tasks[task] if task in tasks else next(iter(tasks.values()))
+    if not isinstance(r, dict) or "dram_bytes_read" not in r:
+        return None
+    return int(r["dram_bytes_read"]) + int(r.get("dram_bytes_written", 0))
+
+
 def bench_row(r: dict, source: str, preset: str) -> dict:
     """A row from an `edgemoe bench` result dict (measured wherever it ran)."""
     for k in ("ms_per_image", "energy", "where", "preset"):
@@ -110,6 +123,10 @@ def accelerator_row(cfg, q, hw, task, routing_kind="uniform", rtl_json=None) -> 
     perf = inference_cycles(cfg, q, hw, routing, routing_source=rsrc)
     tname = cfg.tasks[cfg.task_index(task)] if task is not None else None
     cycles, csrc = rtl_cycles(rtl_json, tname) if rtl_json else (None, None)
+    nbytes = rtl_dram_bytes(rtl_json, tname) if rtl_json else None
+    if nbytes is not None:      # the DRAM energy of the bytes the RTL moved, not the model's routing
+        perf = {**perf, "totals": {**perf["totals"], "dram_bytes": nbytes}}
+        csrc += " (cycles and DRAM bytes)"
     e = energy_estimate(cfg, q, hw, perf=perf, cycles=cycles, cycles_source=csrc)
     row = make_row(f"accelerator {cfg.name}/{q.name}/{hw.name}", "estimate", e["label"],
                    e["ms_per_image"], e["j_per_image"], e["watts"],

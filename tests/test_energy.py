@@ -152,3 +152,22 @@ def test_energy_reads_simulate_json_per_task(tmp_path):
                  "--rtl-json", str(rtl), "--json", str(out)]) == 0
     acc = json.loads(out.read_text())["rows"][0]
     assert acc["ms_per_image"][0] == pytest.approx(70000 / 300e3)
+
+
+def test_energy_takes_the_rtl_dram_bytes(tmp_path):
+    """With simulate.json's DRAM counters the accelerator's DRAM energy follows the bytes the RTL
+    moved: more bytes, more joules at the same cycles."""
+    from edgemoe.sim.cli import main
+    js = []
+    for i, nbytes in enumerate((1_000_000, 50_000_000)):
+        rtl = tmp_path / f"simulate{i}.json"
+        rtl.write_text(json.dumps({"tasks": {"semseg": {"cycles": 50000, "dram_bytes_read": nbytes,
+                                                        "dram_bytes_written": 0}}}))
+        out = tmp_path / f"energy{i}.json"
+        assert main(["energy", "--preset", "tiny", "--no-cpu", "--no-reference",
+                     "--rtl-json", str(rtl), "--json", str(out)]) == 0
+        comp = json.loads(out.read_text())
+        acc = comp["rows"][0]
+        assert "DRAM bytes" in acc["label"] and acc["ms_per_image"][0] == pytest.approx(50000 / 300e3)
+        js.append(acc["j_per_image"][0])
+    assert js[1] > js[0]
