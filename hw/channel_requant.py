@@ -34,8 +34,9 @@ from amaranth.lib.wiring import In, Out
 
 from edgemoe.quant.channel import SHIFT_BITS, check_channel_datapath
 from edgemoe.quant.config import QuantConfig
-from edgemoe.quant.fixed import FormatError, Overflow, Rounding
+from edgemoe.quant.fixed import FormatError, Rounding
 
+from .compute import fit_signed
 from .config import HWConfig
 from .pipeline import PipelineControl
 from .requant import popcount
@@ -112,13 +113,8 @@ class ChannelRequant(wiring.Component):
             s3 = reg(f"rnd{k}", signed(PB + 1))
             with m.If(ctl.load[2]):
                 m.d.sync += s3.eq(r)
-            # (4) fit to A bits: in range iff the bits above A-1 all equal the sign
-            top = s3[A - 1:]
-            ovf = ~(top.all() | ~top.any())
-            if q.overflow is Overflow.SAT:
-                res = Mux(ovf, Mux(s3[-1], q.act.min_int, q.act.max_int), s3[:A].as_signed())
-            else:
-                res = s3[:A].as_signed()
+            # (4) fit to A bits (saturate or wrap), one overflow flag per lane
+            res, ovf = fit_signed(s3, A, q.overflow)
             with m.If(ctl.load[3]):
                 m.d.sync += [out[k].eq(res), over[k].eq(ovf)]
         m.d.comb += [self.o.valid.eq(ctl.out_valid), self.o.payload.data.eq(out),

@@ -131,9 +131,6 @@ def check_channel_datapath(qcfg: QuantConfig) -> None:
             raise FormatError(f"QuantConfig '{qcfg.name}': granularity 'channel' needs {f} ({fm}) "
                               f"signed and as wide as act ({qcfg.act}): the linear epilogue writes "
                               "it into act-wide buffer words")
-    if qcfg.gelu_in != qcfg.act:
-        raise FormatError(f"QuantConfig '{qcfg.name}': gelu_in {qcfg.gelu_in} != act {qcfg.act}: "
-                          "the GELU unit reads act-format words")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ from .fixed import Fmt, FormatError, SatCounter, shift_round
 from .intmath import exact_matmul
 
 
-
 @dataclass(frozen=True)
 class LinearMode:
     """Flags of one linear layer. Every M3ViT linear layer is one of MODES."""
@@ -229,7 +228,8 @@ def pack_weight_stream(w, b, layout: TileLayout, mult=None, shift=None) -> list[
     n, k = w.shape
     kc, nc = layout.chunks(k), layout.tiles(n)
     wp = pad_weights(w, kc * layout.t_in, nc * layout.t_out)
-    hdr = header_lanes(b, n, layout, mult, shift) if layout.has_header(b is not None) else None
+    scaled = mult is not None or shift is not None       # header_lanes refuses them in class layout
+    hdr = header_lanes(b, n, layout, mult, shift) if layout.has_header(b is not None) or scaled else None
     beats = []
     for j in range(nc):
         if hdr is not None:

@@ -422,15 +422,13 @@ def weight_stream(w, b, layout: TileLayout, w_fmt: Fmt | None = None, bias_fmt: 
                    layout.tile_beats * B).reshape(nc, kc * layout.tile_beats * B)
     if b is not None and np.shape(b) != (n,):
         raise FormatError(f"'{name}': bias shape {np.shape(b)} != ({n},)")
-    if layout.has_header(b is not None):
-        try:
+    if layout.has_header(b is not None) or mult is not None or shift is not None:
+        try:    # (header_lanes refuses multipliers for a class-granularity layout)
             hdr = header_lanes(b, n, layout, mult, shift)
         except FormatError as e:
             raise FormatError(f"'{name}': {e}") from None
         bb = pack_bits(hdr.reshape(nc, layout.t_out), layout.epi_bits, layout.bias_beats * B)
         tb = np.concatenate([bb, tb], axis=1)
-    elif mult is not None or shift is not None:
-        raise FormatError(f"'{name}': multipliers / shifts given for a class-granularity layout")
     return tb.reshape(-1)
 
 

@@ -118,15 +118,6 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
     parts = ["gate multiply + residual add analytic"]
     # granularity "channel": hw/channel_requant.py (multiplier + barrel shift) replaces Requant
     rq_unit = "channel_requant" if q.granularity == "channel" else "requant"
-    if rq_unit == "channel_requant" and load_baseline(rq_unit, baseline_dir) is None:
-        from edgemoe.hw.channel_requant import ChannelRequant
-        cr = ChannelRequant(q, hw.replace(lanes=To))
-        cr._MustUse__silence = True
-        epi["dsp"] += To * dsp_per_mult(cr.sum_bits, q.mult_bits + 1)
-        epi["lut"] += To * cr.prod_bits * 4
-        epi["ff"] += To * (cr.sum_bits + 2 * cr.prod_bits + A + 2 * q.mult_bits)
-        parts.append("channel_requant: ASSUMPTION (no synth baseline): multiplier DSP, "
-                     "4 LUT per product bit (shifter + round)")
     for unit in (rq_unit, "gelu"):
         b = load_baseline(unit, baseline_dir)
         if b is None:

@@ -200,11 +200,7 @@ def test_fast_w8a16_channel_tiny_bit_exact(tmp_path):
         assert r["bit_exact"] and r["mismatches"] == 0, (task, r["first_mismatch"])
         assert r["elements"] == cfg.num_tokens * cfg.dim
         assert abs(r["model_error"]) < 0.01
-    from edgemoe.sim import fast_sim
-    binary, _, key = fast_sim.build(cached_accel_verilog(cfg, q, h))
-    res = fast_sim.run(binary, key, prog, list(cfg.tasks), image, tmp_path / "raw")
+    # the report compares the RTL with the program executor; the executor equals GoldenModel
     from edgemoe.quant.interpreter import run_program
     for task in cfg.tasks:
-        gold = run_program(prog, image, task)
-        got = fast_sim.task_result(prog, gold, res["tasks"][task], [])["features"]
-        np.testing.assert_array_equal(got, gm.forward(image, task).features)
+        np.testing.assert_array_equal(run_program(prog, image, task).features, gm.forward(image, task).features)
