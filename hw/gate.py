@@ -153,8 +153,13 @@ def gate_plan(qcfg: QuantConfig, num_experts: int, top_k: int, num_tokens: int) 
 
 def gate_latency(p: GatePlan) -> int:
     """Register stages from the input to the commit: in, max tree, x, rom, mul, add, shift,
-    round, sum tree, divider, recip, pmul, prob, k top-k trees."""
-    return 10 + p.max_stages + p.sum_stages + p.q_bits + p.k * p.topk_stages
+    round, sum tree, divider, recip, pmul, prob. The k top-k trees run on the logits in parallel
+    (they need k * topk_stages of those stages, far fewer)."""
+    lat = 10 + p.max_stages + p.sum_stages + p.q_bits
+    if p.k * p.topk_stages + 1 > lat:
+        raise ValueError(f"gate: {p.k} top-k rounds of {p.topk_stages} stages do not fit the "
+                         f"{lat}-stage probability pipeline (top_k too large for this shape)")
+    return lat
 
 
 # --- small datapath helpers (Amaranth expressions on unsigned values) ------------------------
@@ -219,10 +224,11 @@ class Gate(wiring.Component):
       pmul                e_j * recip  (unsigned 17 x 23 bits: one DSP48E2 per lane); the e
                           vector waits in a fixed delay line (shift registers) while S divides
       prob                p_j = fit(round(e_j * recip >> (exp.frac + recip.frac - prob.frac)))
-      top-k x k           round r: masked arg-max tree over (p_j, j) with the experts won in
-                          rounds < r masked; a node's left operand holds the lower ids and
-                          wins equal codes, so the k winners are exactly golden's stable
-                          top-k by p code (E-1 comparators per round, one level per stage)
+      top-k x k           in parallel from stage 0: round r is a masked arg-max tree over
+                          (l_j, j) with the experts won in rounds < r masked; a node's left
+                          operand holds the lower ids and wins equal logits, so the k winners
+                          are exactly golden's stable top-k by logit code (E-1 comparators per
+                          round, one level per stage); the E-bit mask then waits for the probs
       commit              every selected expert j's queue gets (token, p_j) at position len_j
     The pipelined divider is needed for throughput: the compute unit can deliver a token's E
     logits every ceil(D/t_in) * ceil(E/t_out) cycles (12 for edge-moe on zcu102-16x16, 4 for
@@ -269,10 +275,10 @@ class Gate(wiring.Component):
       dbg__probs          out  E*P    all E gate probabilities of the token
     Throughput: one token per cycle at the input (E logits/cycle); the read stream one
     (expert, token, weight) entry per cycle, N*k entries per layer without bubbles.
-    Latency: LATENCY (= 48 for E = 16, 41 for E = 4, k = 2, edge-moe-fixed) cycles from a token's
+    Latency: LATENCY (= 40 for E = 16, 37 for E = 4, k = 2, edge-moe-fixed) cycles from a token's
     input handshake to its commit (dbg__valid); READ_LATENCY = 3 more cycles from the commit of
     the `last` token to the first read entry. Drain after the last input: LATENCY +
-    READ_LATENCY + N*k - 1 cycles to the final entry at full read rate (308 for edge-moe).
+    READ_LATENCY + N*k - 1 cycles to the final entry at full read rate (300 for edge-moe).
     Resources (edge-moe, zcu102-16x16, edge-moe-fixed; tests/baselines/synth_gate.json, Yosys
     synth_xilinx xcup): about 6.7k LUT, 7.1k FF, 32 DSP48E2, 8 BRAM36 (the 16 queue banks as
     RAMB18); ECP5-85k Fmax (nextpnr, tiny shape) about 109 MHz, limited by the 19 x 16-bit
@@ -350,6 +356,38 @@ class Gate(wiring.Component):
         mx = vals[0]
         assert stage == p.max_stages
         lgd = [delay(v, p.max_stages, f"lg{e}") for e, v in enumerate(lg)]
+
+        # --- top-k: k rounds of a masked arg-max tournament over the LOGITS (E-1 compare-selects
+        # each), in parallel with the probability datapath. A node is (ok, l, id); its left
+        # operand holds the lower expert ids, so it wins equal logits: exactly golden's stable
+        # top-k by logit code. The logits order the experts as their probabilities do, but
+        # without the ties of probabilities that round to the same (often 0) gate_prob code.
+        won, ts = Const(0, E), 0                           # experts taken by earlier rounds
+        keys = list(lg)
+        for rk in range(p.k):
+            nodes = [(~won[j], keys[j], Const(j, p.exp_bits)) for j in range(E)]
+            level = 0
+            while len(nodes) > 1:
+                nxt = []
+                for j in range(0, len(nodes), 2):
+                    if j + 1 == len(nodes):
+                        nxt.append(nodes[j])
+                        continue
+                    (oa, la, ia), (ob, lb, ib) = nodes[j], nodes[j + 1]
+                    a_wins = oa & (~ob | (la >= lb))
+                    nxt.append((oa | ob, Mux(a_wins, la, lb), Mux(a_wins, ia, ib)))
+                nodes, level = nxt, level + 1
+                if level % TOPK_LEVELS_PER_STAGE == 0 or len(nodes) == 1:
+                    nodes = [(reg(o, f"tk{rk}_{ts}_o{j}", unsigned(1)),
+                              reg(ll, f"tk{rk}_{ts}_l{j}", Shape(p.lg_bits, p.lg_signed)),
+                              reg(ii, f"tk{rk}_{ts}_i{j}", unsigned(p.exp_bits)))
+                             for j, (o, ll, ii) in enumerate(nodes)]
+                    keys = [reg(keys[j], f"tk_l{j}_{ts}") for j in range(E)]
+                    won = reg(won, f"won{ts}", unsigned(E))
+                    ts += 1
+            winner = nodes[0][2]
+            won = won | Cat(*[winner == j for j in range(E)]) if E > 1 else Const(1, 1)
+        assert ts == p.k * p.topk_stages
 
         # --- x = l - max; ROM address, interpolation fraction and exponent clamp ---------------
         F, B, R = p.in_frac, p.table_bits, p.interp_bits
@@ -443,36 +481,9 @@ class Gate(wiring.Component):
             povf.append(reg(o, f"p_ovf{j}"))
         stage += 1
         sat_events.append((stage, popcount(povf)))
-        # --- top-k: k rounds of a masked arg-max tournament (E-1 compare-selects each). A node
-        # is (ok, p, id); its left operand holds the lower expert ids, so it wins equal codes:
-        # exactly golden's stable sort by descending p code.
-        won = Const(0, E)                                  # experts taken by earlier rounds
-        for rk in range(p.k):
-            nodes = [(~won[j], pv[j], Const(j, p.exp_bits)) for j in range(E)]
-            level = 0
-            while len(nodes) > 1:
-                nxt = []
-                for j in range(0, len(nodes), 2):
-                    if j + 1 == len(nodes):
-                        nxt.append(nodes[j])
-                        continue
-                    (oa, pa, ia), (ob, pb, ib) = nodes[j], nodes[j + 1]
-                    a_wins = oa & (~ob | (pa >= pb))
-                    nxt.append((oa | ob, Mux(a_wins, pa, pb), Mux(a_wins, ia, ib)))
-                nodes, level = nxt, level + 1
-                if level % TOPK_LEVELS_PER_STAGE == 0 or len(nodes) == 1:
-                    nodes = [(reg(o, f"tk{rk}_{stage}_o{j}", unsigned(1)),
-                              reg(pp, f"tk{rk}_{stage}_p{j}", unsigned(p.p_bits)),
-                              reg(ii, f"tk{rk}_{stage}_i{j}", unsigned(p.exp_bits)))
-                             for j, (o, pp, ii) in enumerate(nodes)]
-                    pv = [reg(pv[j], f"p{j}_t{stage}") for j in range(E)]
-                    won = reg(won, f"won{stage}", unsigned(E))
-                    stage += 1
-            winner = nodes[0][2]
-            won = won | Cat(*[winner == j for j in range(E)]) if E > 1 else Const(1, 1)
-        sel = Signal(E, name="sel")
-        m.d.comb += sel.eq(won)
         assert stage == self.LATENCY - 1, (stage, self.LATENCY)
+        sel = Signal(E, name="sel")
+        m.d.comb += sel.eq(delay(won, stage - ts, "sel"))   # won: the mask after stage ts
         tok = delay(tok0, stage, "tok")
         last = delay(last0, stage, "last")
 

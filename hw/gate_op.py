@@ -27,7 +27,7 @@ What it does (ports in the engine's view, AccelPlan of hw/accel_plan.py):
 Cycles from `start` to `done` (rows = N, k = top_k, W = ceil(E/G), L = Gate.LATENCY):
   1 + W*N (the last row is accepted) + L (its commit) + READ_LATENCY (3, first entry)
   + N*k - 1 (final entry) + 1 (done)  =  W*N + L + N*k + 4
-  e.g. tiny (E = 4, k = 2, N = 9, edge-moe-fixed, L = 41): 9 + 41 + 18 + 4 = 72.
+  e.g. tiny (E = 4, k = 2, N = 9, edge-moe-fixed, L = 37): 9 + 37 + 18 + 4 = 68.
 rows must be >= 1 (the top rejects other shapes; rows = 0 would never finish).
 """
 from __future__ import annotations

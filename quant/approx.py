@@ -51,8 +51,9 @@ layernorm_fixed over D, any D < 4096 (L = bit length of D-1, K = round(2**(30+L)
   + (beta << 22)) >> 11)).  Max abs error 2.1e-5 on realistic rows (bound 1e-4).
 gate_fixed, per token over E logits (gate_logit, base 2): mx = max (compare tree, exact);
   e = exp2(l - mx) in exp (top expert exactly 1) and in u21.20 for S = sum e (exact, no
-  rescale); recip as above; p = sat(round(e * recip >> 22)) in gate_prob; top-k by p code,
-  equal codes -> lower expert index first.
+  rescale); recip as above; p = sat(round(e * recip >> 22)) in gate_prob; top-k by logit code
+  (the exact order of the probabilities, without the ties of p codes that round alike, e.g. two
+  experts far below the top one both at p = 0), equal logits -> lower expert index first.
 """
 from __future__ import annotations
 
@@ -537,8 +538,9 @@ def gate_fixed(logits, qcfg: QuantConfig, top_k: int, sat: SatCounter | None = N
 
     mx = max_e l_e (exact); e = exp2(l - mx) (in_fmt gate_logit); S = sum e (sum format, exact
     integer sum, saturated); recip = reciprocal_fixed(S); p = round(e * recip >> (exp.frac +
-    recip.frac - gate_prob.frac)) in gate_prob. Top-k: descending probability code, equal codes
-    -> lower expert index first. Returns (topk_idx [..., k], topk_w [..., k] gate_prob codes,
+    recip.frac - gate_prob.frac)) in gate_prob. Top-k: descending logit code (p is monotone in it;
+    ranking by p codes would pick arbitrarily among experts whose p round to the same code, such
+    as several at 0 next to a dominant expert), equal logits -> lower expert index first. Returns (topk_idx [..., k], topk_w [..., k] gate_prob codes,
     probs [..., E]); combine weights are the selected probabilities, not renormalised.
     """
     lg = _i64(logits)
@@ -553,7 +555,7 @@ def gate_fixed(logits, qcfg: QuantConfig, top_k: int, sat: SatCounter | None = N
     s = _fit(es.sum(axis=-1), qcfg.sum, qcfg, sat, name + ".sum")
     recip = reciprocal_fixed(s, qcfg, sat, name + ".recip")
     probs = _normalise(e, recip[..., None], qcfg, qcfg.gate_prob, sat, name + ".prob")
-    idx = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]   # stable: ties -> lower index
+    idx = np.argsort(-lg, axis=-1, kind="stable")[..., :top_k]   # stable: ties -> lower index
     return idx, np.take_along_axis(probs, idx, axis=-1), probs
 
 
@@ -645,11 +647,14 @@ def gate_logits(n_tok: int = 8192, n_exp: int = 16, seed: int = 0) -> np.ndarray
 
 def gate_topk_check(lg_float, qcfg: QuantConfig, top_k: int):
     """Fixed vs float top-k: (mismatching tokens, of them the ones whose float probabilities at
-    the disagreeing ranks differ by at least one gate_prob LSB, max abs prob error)."""
-    codes = qcfg.gate_logit.quantize(np.asarray(lg_float) * LOG2E)
+    the disagreeing ranks differ by at least one gate_prob LSB, max abs prob error). The float
+    top-k ranks the unquantised logits (so logits that quantise to one code can swap); the
+    probability error is against the float softmax of the quantised codes (the unit's own)."""
+    lg_float = np.asarray(lg_float, dtype=np.float64)
+    codes = qcfg.gate_logit.quantize(lg_float * LOG2E)
     idx, _, probs = gate_fixed(codes, qcfg, top_k)
     pf = softmax_float(codes * qcfg.gate_logit.lsb / LOG2E)
-    fidx = np.argsort(-pf, axis=-1, kind="stable")[..., :top_k]
+    fidx = np.argsort(-lg_float, axis=-1, kind="stable")[..., :top_k]
     mism = np.any(idx != fidx, axis=-1)
     gap = np.abs(np.take_along_axis(pf, idx, -1) - np.take_along_axis(pf, fidx, -1)).max(axis=-1)
     beyond = mism & (gap >= qcfg.gate_prob.lsb)

@@ -495,9 +495,11 @@ def calibrate(cfg, state_dict, images, base: QuantConfig, bits, margin_bits: int
     return choose_formats(cfg, obs, base, bits, margin_bits, param_margin_bits, name)
 
 
-def calibration_images(cfg, synthetic: int = 2):
+def calibration_images(cfg, synthetic: int = 2, eval_image: bool = True):
     """The fixed calibration set: the Cityscapes image of ../shared/edge-moe-cityscapes when
-    present, matplotlib's sample photo, and `synthetic` scenes of model/data.py (seeds 0..).
+    present (and eval_image: it is also the default evaluation image of quant-report, eval and
+    simulate, so a held-out set leaves it out), matplotlib's sample photo, and `synthetic` scenes
+    of model/data.py (seeds 0..).
     -> (list of float32 [C, H, W] arrays in [0, 1], list of descriptions)."""
     from matplotlib import cbook
 
@@ -506,7 +508,7 @@ def calibration_images(cfg, synthetic: int = 2):
     from edgemoe.model.images import load_image
 
     imgs, desc = [], []
-    if (default_edge_moe_dir() / "image.float32.bin").exists():
+    if eval_image and (default_edge_moe_dir() / "image.float32.bin").exists():
         x, d = load_image(cfg)
         imgs.append(x[0].numpy())
         desc.append(d)

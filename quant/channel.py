@@ -45,6 +45,7 @@ MAX_SHIFT = (1 << SHIFT_BITS) - 1
 # Scales of calibrated tensors are widened by this factor after the MSE clip choice: inputs
 # beyond the calibration set (other scenes) then still fit; at 16 bits one bit costs ~nothing.
 ACT_HEADROOM = 2.0
+CALIB_SYNTHETIC = 3                 # synthetic scenes in the default activation calibration set
 
 
 @dataclass
@@ -219,10 +220,11 @@ def calibrate_act_scales(cfg, qcfg: QuantConfig, folded: dict, images, descs=Non
 
 
 def default_act_scales(cfg, qcfg: QuantConfig, folded: dict) -> ActScales:
-    """The standard calibration set (quant.calibrate.calibration_images: the Cityscapes image when
-    present, matplotlib's sample photo, 2 synthetic scenes), all tasks."""
+    """A calibration set held out from the evaluation image (quant.calibrate.calibration_images
+    without the Cityscapes image, which quant-report, eval and simulate run by default):
+    matplotlib's sample photo and CALIB_SYNTHETIC synthetic scenes, all tasks."""
     from .calibrate import calibration_images
-    imgs, descs = calibration_images(cfg, synthetic=2)
+    imgs, descs = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
     return calibrate_act_scales(cfg, qcfg, folded, imgs, descs)
 
 

@@ -142,6 +142,41 @@ def _routing_changes(cfg, q: QuantConfig, golden_routing: dict, float_routing: d
     return out
 
 
+def _router_weights_real(q: QuantConfig, qw, key: str) -> np.ndarray:
+    """The router weights the datapath really applies, as reals in the folded (base-2) domain:
+    codes times the per-channel scale M * 2**-S * s_out / s_in (channel), or the format's LSB."""
+    codes = np.asarray(qw.codes[key], np.float64)
+    if q.granularity == "channel":
+        ep = qw.epi[key]
+        s_w = ep.mult * np.exp2(-ep.shift.astype(np.float64)) * ep.out_scale / ep.in_scale
+        return codes * s_w[:, None]
+    return codes * qw.fmt[key].lsb
+
+
+def _routing_attribution(cfg, q: QuantConfig, qw, folded: dict, trace, tensors: dict, task: int) -> dict:
+    """Per MoE block, where a changed top-k set comes from: tokens whose float top-k changes when
+    only the router weights are quantised (float router input), and when only the router input
+    is (the golden model's LayerNorm output, float weights). Float matmuls, no gate rounding."""
+    out = {}
+    for b in cfg.moe_blocks:
+        pre = f"blocks.{b}"
+        key = (f"{pre}.mlp.routers.{task}.weight" if cfg.gating == "multi" else f"{pre}.mlp.router.weight")
+        h_f = np.asarray(trace.tensors[pre + ".norm2"], np.float64)
+        h_g = np.asarray(tensors[pre + ".norm2"], np.float64) * qw.scale(pre + ".norm2", q.act)
+        if cfg.gating != "multi":
+            emb = np.asarray(folded[f"{pre}.mlp.task_embed.weight"], np.float64)[task]
+            h_f, h_g = (np.concatenate([h, np.broadcast_to(emb, (h.shape[0], emb.size))], 1) for h in (h_f, h_g))
+        w_f = np.asarray(folded[key], np.float64)
+        w_q = _router_weights_real(q, qw, key)
+
+        def topk(lg):
+            return np.sort(np.argsort(-lg, axis=1, kind="stable")[:, :cfg.top_k], axis=1)
+        ref = topk(h_f @ w_f.T)
+        out[str(b)] = {"router_weights_only": int(np.any(topk(h_f @ w_q.T) != ref, axis=1).sum()),
+                       "router_input_only": int(np.any(topk(h_g @ w_f.T) != ref, axis=1).sum())}
+    return out
+
+
 def fidelity_run(cfg, q: QuantConfig, qw, ref: dict, image: np.ndarray, task: int,
                  attn_p: int = 4) -> dict:
     """One golden forward against the float references ref = {"trace": FloatTrace,
@@ -180,7 +215,8 @@ def fidelity_run(cfg, q: QuantConfig, qw, ref: dict, image: np.ndarray, task: in
             "saturated_total": res.sat.saturated(),
             "saturated_tensors": {k: v for k, v in sat.items() if v["saturated"]},
             "saturation": sat,
-            "routing": _routing_changes(cfg, q, res.routing, ref["routing"])}
+            "routing": _routing_changes(cfg, q, res.routing, ref["routing"]),
+            "routing_attribution": _routing_attribution(cfg, q, qw, ref["folded"], tr, res.tensors, task)}
 
 
 def float_reference(cfg, weights: Weights, folded: dict, image: np.ndarray, task: int) -> dict:
@@ -191,7 +227,7 @@ def float_reference(cfg, weights: Weights, folded: dict, image: np.ndarray, task
     tr = float_forward(cfg, folded, image, task)
     routing = {b: {"topk_idx": r["topk_idx"][0].numpy(), "probs": r["probs"][0].double().numpy()}
                for b, r in aux["routing"].items()}
-    return {"trace": tr, "features": f[0].double().numpy(), "routing": routing,
+    return {"trace": tr, "features": f[0].double().numpy(), "routing": routing, "folded": folded,
             "mirror_vs_m3vit_max_abs": float(np.abs(tr.features - f[0].double().numpy()).max())}
 
 
@@ -238,6 +274,10 @@ def quant_report(cfg, weights: Weights, quants, image, image_desc: str, tasks=No
                 "routing_changed_tokens": sum(v["changed_tokens"] for r in runs for v in r["routing"].values()),
                 "routing_changed_material": sum(v["material"] for r in runs for v in r["routing"].values()),
                 "routing_tokens": sum(v["tokens"] for r in runs for v in r["routing"].values()),
+                "routing_changed_router_weights_only": sum(
+                    v["router_weights_only"] for r in runs for v in r["routing_attribution"].values()),
+                "routing_changed_router_input_only": sum(
+                    v["router_input_only"] for r in runs for v in r["routing_attribution"].values()),
                 "golden_seconds_mean": sum(r["golden_seconds"] for r in runs) / len(runs),
                 "qkv_absmax_float": max(b["qkv_absmax_float"] for r in runs for b in r["blocks"]),
             }}
@@ -336,7 +376,10 @@ def format_summary(rep: dict) -> str:
         lines.append(f"routing over all tasks: {s['routing_changed_tokens']}/{s['routing_tokens']} tokens "
                      f"changed their top-k set ({100 * s['routing_changed_tokens'] / max(1, s['routing_tokens']):.2f} %), "
                      f"{s['routing_changed_material']} materially "
-                     f"({100 * s['routing_changed_material'] / max(1, s['routing_tokens']):.2f} %)")
+                     f"({100 * s['routing_changed_material'] / max(1, s['routing_tokens']):.2f} %); "
+                     f"attribution (float top-k, one side quantised): router weights only "
+                     f"{s['routing_changed_router_weights_only']}, router input (upstream error) only "
+                     f"{s['routing_changed_router_input_only']}")
         cal = p.get("activation_calibration")
         if cal:
             clip = cal["clipping"]

@@ -155,7 +155,7 @@ def ref_gate(lg, q: QuantConfig, k: int):
     recip = ref_recip(clip(sum(es), q.sum), q)
     p = [clip(rnd(v * recip, q.exp.frac + q.recip.frac - q.gate_prob.frac, q.rounding), q.gate_prob)
          for v in e]
-    return sorted(range(len(lg)), key=lambda j: (-p[j], j))[:k], p
+    return sorted(range(len(lg)), key=lambda j: (-int(lg[j]), j))[:k], p   # by logit
 
 
 def rotation_order(rows: int, n: int) -> np.ndarray:
@@ -483,11 +483,13 @@ def test_gate_tie_breaking_lower_index_wins():
     lg[2, 3] -= 1                                   # expert 3 is 1 LSB lower: same prob code
     lg[3, :] = -(40 << f)
     lg[3, 15] = 0                                   # one hot: others underflow to probability 0
+    lg[3, 9] = -(30 << f)                           # ... and 9 is still the runner-up by logit
     idx, w, p = A.gate_fixed(lg, Q, 2)
     assert idx[0].tolist() == [0, 1]                # all equal
     assert idx[1].tolist() == [2, 5]
-    assert p[2, 3] == p[2, 11] and idx[2].tolist() == [3, 11]   # code tie beats the logit order
-    assert idx[3].tolist() == [15, 0] and p[3, 15] == 1 << Q.gate_prob.frac
+    assert p[2, 3] == p[2, 11] and idx[2].tolist() == [11, 3]   # the logit orders a code tie
+    assert idx[3].tolist() == [15, 9] and p[3, 15] == 1 << Q.gate_prob.frac
+    assert p[3, 9] == p[3, 0] == 0                  # ranking by p code would have taken expert 0
     assert np.array_equal(w, np.take_along_axis(p, idx, -1))
     with pytest.raises(ValueError, match="top_k"):
         A.gate_fixed(lg, Q, 17)

@@ -210,3 +210,23 @@ def test_edge_moe_trained_fidelity():
     p = _fidelity(cfg, w, tasks=["semseg"])
     assert p["summary"]["final_cosine_min"] >= 0.999
     assert p["summary"]["routing_changed_material"] <= 0.04 * p["summary"]["routing_tokens"]
+
+
+def test_default_calibration_holds_out_the_evaluation_image():
+    """quant-report / eval / simulate evaluate on the Cityscapes image by default: the activation
+    scales must not be calibrated on it (the class-format literals of w8a16 still are)."""
+    from edgemoe.model.checkpoint import default_edge_moe_dir
+    from edgemoe.quant.calibrate import calibration_images
+    from edgemoe.quant.channel import CALIB_SYNTHETIC, default_act_scales
+    from edgemoe.quant.qweights import fold_scales
+    from edgemoe.quant.report import load_weights
+    cfg = get_preset("tiny")
+    held, hdesc = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+    full, fdesc = calibration_images(cfg, synthetic=CALIB_SYNTHETIC)
+    assert not any("Cityscapes" in d for d in hdesc) and len(held) == 1 + CALIB_SYNTHETIC
+    if (default_edge_moe_dir() / "image.float32.bin").exists():
+        assert len(full) == len(held) + 1 and "Cityscapes" in fdesc[0]
+    w = load_weights(cfg, "seeded")
+    act = default_act_scales(cfg, get_quant_preset("w8a16-channel"), fold_scales(cfg, w.state_dict))
+    assert len(act.source) == len(held) * cfg.num_tasks
+    assert not any("Cityscapes" in s for s in act.source)

@@ -81,9 +81,9 @@ def test_stimulus_covers_edge_cases():
 
 
 def test_registry_and_ports():
-    assert gate_latency(gate_plan(DEFAULT_Q, 16, 2, 129)) == 48
+    assert gate_latency(gate_plan(DEFAULT_Q, 16, 2, 129)) == 40
     g = build_unit("gate", DEFAULT_Q, DEFAULT_HW, TINY)
-    assert isinstance(g, Gate) and g.LATENCY == 41 and g.token_interval == 4
+    assert isinstance(g, Gate) and g.LATENCY == 37 and g.token_interval == 4
     ports = port_list(g)
     assert ports == {
         "start": (1, "i"), "i__payload__logits": (4 * 32, "i"), "i__payload__token": (4, "i"),
@@ -187,7 +187,7 @@ def test_gate_elaborates_edge_shapes():
         assert "module edgemoe_gate(" in to_verilog(Gate(DEFAULT_Q, DEFAULT_HW, mc), TOP)
     g = Gate(DEFAULT_Q, DEFAULT_HW, get_preset("vit-s-nyud"))      # E=16, k=4, 1201 tokens
     Fragment.get(g, None)
-    assert g.LATENCY == 10 + 4 + 2 + 24 + 4 * 4 and g.plan.tok_bits == 11
+    assert g.LATENCY == 10 + 4 + 2 + 24 and g.plan.tok_bits == 11       # top-k in parallel
 
 
 def test_gate_verilator_overflow_and_flush():

@@ -11,7 +11,8 @@ from edgemoe.model.checkpoint import default_edge_moe_dir
 from edgemoe.quant.config import EDGE_MOE_FIXED, W8A16
 from edgemoe.quant.golden import GoldenModel
 from edgemoe.quant.qweights import quantize_weights
-from edgemoe.quant.report import RANDOM_EXPERTS, _routing_changes, load_weights, metrics
+from edgemoe.quant.report import (RANDOM_EXPERTS, _router_weights_real, _routing_attribution, _routing_changes,
+                                  float_reference, load_weights, metrics)
 from edgemoe.sim.cli import main
 
 REAL = default_edge_moe_dir()
@@ -37,6 +38,39 @@ def test_routing_changes_counts_sets_and_material_swaps():
     r = _routing_changes(cfg, W8A16, gd, fl)
     assert r["1"] == {"changed_tokens": 2, "material": 1, "tokens": 3, "fraction": 2 / 3}
     assert r["3"]["changed_tokens"] == 0
+
+
+@pytest.mark.parametrize("qname", ["w8a16", "w8a16-channel"])
+def test_routing_attribution_sides(qname):
+    """The router weights as the datapath applies them are the float ones to half a step; the
+    attribution counts float-top-k changes from each side, and a side that is not perturbed
+    changes nothing."""
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import fold_scales
+    cfg = get_preset("tiny")
+    q = get_quant_preset(qname)
+    w = load_weights(cfg, "seeded")
+    folded = fold_scales(cfg, w.state_dict)
+    qw = quantize_weights(cfg, q, w.state_dict)
+    x = np.random.default_rng(3).random((3, cfg.img_h, cfg.img_w))
+    ref = float_reference(cfg, w, folded, x, 0)
+    res = GoldenModel(cfg, q, qw).forward(x, 0, keep=True)
+    for b in cfg.moe_blocks:
+        key = f"blocks.{b}.mlp.routers.0.weight"
+        wf, wq = np.asarray(folded[key], np.float64), _router_weights_real(q, qw, key)
+        step = (np.abs(wf).max(1, keepdims=True) / 127 if q.granularity == "channel"
+                else q.linear_w.lsb)
+        assert np.all(np.abs(wq - wf) <= 0.5 * step * (1 + 1e-3)) and not np.array_equal(wq, wf)
+    att = _routing_attribution(cfg, q, qw, folded, ref["trace"], res.tensors, 0)
+    assert set(att) == {str(b) for b in cfg.moe_blocks}
+    assert all(0 <= v[k] <= cfg.num_tokens for v in att.values() for k in v)
+    # the golden model's own LayerNorm output fed back as "float" input: no input-side change
+    exact = {k: v for k, v in res.tensors.items()}
+    tr = type("T", (), {"tensors": {**ref["trace"].tensors, **{
+        f"blocks.{b}.norm2": exact[f"blocks.{b}.norm2"] * qw.scale(f"blocks.{b}.norm2", q.act)
+        for b in cfg.moe_blocks}}})()
+    assert all(v["router_input_only"] == 0
+               for v in _routing_attribution(cfg, q, qw, folded, tr, res.tensors, 0).values())
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +99,7 @@ def test_cli_tiny_writes_json_and_png(tiny_report):
             assert set(r["routing"]) == {str(b) for b in cfg.moe_blocks}
             assert all(0 <= v["material"] <= v["changed_tokens"] <= v["tokens"] == cfg.num_tokens
                        for v in r["routing"].values())
+            assert set(r["routing_attribution"]) == set(r["routing"])
             for key in ("blocks.0.qkv", "blocks.0.scores", "blocks.0.attn_out", "blocks.0.proj",
                         "blocks.0.mlp.fc2", "blocks.1.mlp.moe_out", "blocks.1.mlp.gate_logits", "blocks.3.out"):
                 assert -1 <= r["layers"][key]["cosine"] <= 1 + 1e-12
