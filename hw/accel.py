@@ -14,8 +14,10 @@ over the AXI4 master and executes it one instruction at a time on:
 Semantics = quant/interpreter.py Machine (the Python executor), bit for bit: buffer contents,
 the OUTPUT region, and the error code / pc of a bad program (for the checks listed below).
 
-Controller (one instruction at a time, no overlap between instructions):
-  FETCH    read the 32-byte instruction at PROGRAM_BASE + 32 * pc (one 256-bit beat)
+Controller (one instruction at a time; only the next instruction's fetch overlaps):
+  FETCH    read the 32-byte instruction at PROGRAM_BASE + 32 * pc (one 256-bit beat). The first
+           instruction and the one after an EXPERT_LOOP are fetched here; every other one is
+           prefetched during EXEC of its predecessor (below).
   DECODE   checks -> ERROR_CODE / ERROR_PC and stop:
              (in this order of priority)
              ERR_ILLEGAL  bad opcode / enum / reserved or unused field set / LINEAR flag
@@ -31,7 +33,12 @@ Controller (one instruction at a time, no overlap between instructions):
              ERR_DATA     LOAD_ROWS: a container that is not a sign-extended act code
              ERR_RUNAWAY  2**20 instructions without END
   EXEC     start the engine and the AXI transfer of the instruction, wait for the engine's done
-           (STORE: and every write response)
+           (STORE: and every write response). Prefetch: once the instruction's own DRAM reads
+           have all arrived (no STORE: its write errors stay its own), the read port fetches the
+           next pc's instruction (pc + 1, or the loop start when the body repeats) into a
+           holding register, so DECODE follows the retire at once. The bytes read are those of
+           the unprefetched controller (every prefetch is used); an AXI error of a prefetch is
+           reported at the next pc, as after its FETCH (ERROR_CODE / ERROR_PC unchanged).
   EXPERT_LOOP arg: the next arg instructions run once per active expert (increasing id; the
            queue of expert e is entries q_base[e] .. + q_len[e] of the queue memory).
 Every unit is reset by START (a clean state after an error).
@@ -359,10 +366,17 @@ class Accelerator(wiring.Component):
 
         # read beats to their consumer
         fetching = Signal()
+        # prefetch of the next instruction during EXEC: 0 none, 1 AR issued, 2 beat held in pf_buf
+        pf_state = Signal(2)
+        pf_buf = [Signal(32, name=f"pf_ins{i}") for i in range(8)]
+        pf_wait = Signal()                            # EXEC and the prefetched beat not yet in
         consumers = [(fetching, None), (is_op[Op.LOAD_ROWS], load.d), (is_op[Op.LAYERNORM], ln.p),
                      (is_op[Op.LINEAR], lin.w)]
-        with m.If(fetching):
+        with m.If(fetching | pf_wait):
             m.d.comb += axim.rd_data.ready.eq(1)
+            with m.If(pf_wait & axim.rd_data.valid):
+                m.d.sync += [w.eq(axim.rd_data.payload[32 * i:32 * (i + 1)]) for i, w in enumerate(pf_buf)]
+                m.d.sync += pf_state.eq(2)
         for cond, s in consumers[1:]:
             with m.Elif(cond & busy):
                 m.d.comb += [s.valid.eq(axim.rd_data.valid), s.payload.eq(axim.rd_data.payload),
@@ -408,7 +422,8 @@ class Accelerator(wiring.Component):
             starts[Op.GATE] = gate.start
 
         def fail(code):
-            m.d.sync += [err_code.eq(code), err_pc.eq(pc), error.eq(1), busy.eq(0), in_loop.eq(0)]
+            m.d.sync += [err_code.eq(code), err_pc.eq(pc), error.eq(1), busy.eq(0), in_loop.eq(0),
+                         pf_state.eq(0)]
             m.next = "IDLE"
 
         # next active expert above `expert` (priority encoder over the metaqueue)
@@ -432,7 +447,8 @@ class Accelerator(wiring.Component):
                     m.d.comb += soft_rst.eq(1)
                     m.d.sync += [busy.eq(1), done.eq(0), error.eq(0), err_code.eq(0), err_pc.eq(0),
                                  pc.eq(0), cycles.eq(0), rbytes.eq(0), wbytes.eq(0), sat.eq(0),
-                                 retired.eq(0), in_loop.eq(0), gate_ok.eq(0), start_req.eq(0)]
+                                 retired.eq(0), in_loop.eq(0), gate_ok.eq(0), start_req.eq(0),
+                                 pf_state.eq(0)]
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + pc * INSTR_BYTES),
@@ -488,11 +504,21 @@ class Accelerator(wiring.Component):
                     m.d.sync += stored_done.eq(0)
                     m.next = "EXEC"
             with m.State("EXEC"):
+                # the pc after this instruction: back to the loop start while experts remain
+                npc = Mux(in_loop & (pc == loop_end) & ex_found, loop_start, pc + 1)
+                finishing = (engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle & ~rd_cmd_valid
+                m.d.comb += pf_wait.eq(pf_state == 1)
+                # every read of this instruction has arrived: the port is free for the next fetch
+                # (not in the retire cycle itself: FETCH would then see two beats)
+                with m.If((pf_state == 0) & ~is_op[Op.STORE] & ~rd_cmd_valid & axim.rd_idle
+                          & ~axim.error & ~finishing):
+                    m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + npc * INSTR_BYTES),
+                                 rd_cmd_beats.eq(1), pf_state.eq(1)]
                 with m.If(engine_done):
                     m.d.sync += stored_done.eq(1)
-                with m.If(axim.error):
+                with m.If(axim.error & (pf_state == 0)):
                     fail(ERR_ADDRESS)
-                with m.Elif((engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle & ~rd_cmd_valid):
+                with m.Elif(finishing):
                     with m.If(is_op[Op.LOAD_ROWS] & load.bad):
                         fail(ERR_DATA)
                     with m.Elif(is_op[Op.GATE] & gate_ovf):
@@ -502,12 +528,23 @@ class Accelerator(wiring.Component):
                         with m.If(is_op[Op.GATE]):
                             m.d.sync += gate_ok.eq(1)
                         # next pc: loop back / next expert / fall through
+                        m.d.sync += [pc.eq(npc), pf_state.eq(0)]
                         with m.If(in_loop & (pc == loop_end)):
                             with m.If(ex_found):
-                                m.d.sync += [expert.eq(ex_next), pc.eq(loop_start)]
+                                m.d.sync += expert.eq(ex_next)
                             with m.Else():
-                                m.d.sync += [in_loop.eq(0), pc.eq(pc + 1)]
+                                m.d.sync += in_loop.eq(0)
+                        # the prefetched beat is taken as FETCH_WAIT takes one; an AXI error it
+                        # raised stops the next instruction's EXEC at npc, as after a FETCH
+                        with m.If(pf_state == 2):
+                            m.d.sync += [w.eq(b) for w, b in zip(ins, pf_buf)]
+                            m.next = "DECODE"
+                        with m.Elif((pf_state == 1) & axim.rd_data.valid):     # arriving now
+                            m.d.sync += [w.eq(axim.rd_data.payload[32 * i:32 * (i + 1)])
+                                         for i, w in enumerate(ins)]
+                            m.next = "DECODE"
+                        with m.Elif(pf_state == 1):
+                            m.next = "FETCH_WAIT"
                         with m.Else():
-                            m.d.sync += pc.eq(pc + 1)
-                        m.next = "FETCH"
+                            m.next = "FETCH"
         return m

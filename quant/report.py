@@ -393,3 +393,39 @@ def format_summary(rep: dict) -> str:
                                      for k, v in worst))
     return "\n".join(lines)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# w8a8: is there an 8-bit-activation preset? (issue 12: add it if cosine >= 0.99, report either way)
+# ---------------------------------------------------------------------------------------------
+W8A8_ACT_FRACS = (2, 3, 4, 5, 6)
+W8A8_MIN_COSINE = 0.99
+
+
+def w8a8_variant(act_frac: int) -> QuantConfig:
+    """w8a16-channel with every stored activation at 8 bits: act = gelu_in = s8.act_frac (the
+    residual stream keeps one power-of-two format: the fixed-function units need it), attn_in
+    s8.5 (Q, K, V, attention output: per-tensor calibrated scales), gate_logit s8.6 (the gate's
+    exp2 table index needs exp_table_bits = 6 fraction bits), the GELU table step no finer than
+    the input grid."""
+    from .fixed import Fmt
+    base = get_quant_preset("w8a16-channel")
+    a = Fmt(8, act_frac)
+    return base.replace(name=f"w8a8-channel-act{act_frac}", act=a, gelu_in=a, attn_in=Fmt(8, 5),
+                        gate_logit=Fmt(8, 6), gelu_step_log2=min(act_frac, base.gelu_step_log2))
+
+
+def w8a8_study(cfg, weights: Weights, image, image_desc: str, fracs=W8A8_ACT_FRACS, tasks=None) -> dict:
+    """Final-feature cosine, saturation and routing changes of w8a8_variant(f) for every act
+    fraction f: the best one, and whether it reaches W8A8_MIN_COSINE."""
+    rep = quant_report(cfg, weights, [w8a8_variant(f) for f in fracs], image, image_desc, tasks)
+    rows = []
+    for f in fracs:
+        s = rep["presets"][w8a8_variant(f).name]["summary"]
+        rows.append({"act": f"s8.{f}", "final_cosine_min": s["final_cosine_min"],
+                     "saturated": s["saturated_total"],
+                     "routing_changed": s["routing_changed_tokens"] / max(1, s["routing_tokens"])})
+    best = max(rows, key=lambda r: r["final_cosine_min"])
+    return {"model": cfg.name, "weights": weights.banner, "image": image_desc, "variants": rows,
+            "best": best, "reaches_target": best["final_cosine_min"] >= W8A8_MIN_COSINE,
+            "target_cosine": W8A8_MIN_COSINE}

@@ -214,6 +214,28 @@ def bench_fast_sim_flags(preset: str = "edge-moe", out: str = "out/bench") -> di
     return res
 
 
+def bench_w8a8(preset: str = "edge-moe") -> dict:
+    """Issue 12's w8a8 question: 8-bit activations (quant.report.w8a8_variant, act fraction
+    swept) on seeded and, where ../shared has them, trained weights; the Cityscapes image."""
+    from edgemoe.model.checkpoint import default_edge_moe_dir
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.images import load_image
+    from edgemoe.quant.report import load_weights, w8a8_study
+    cfg = get_preset(preset)
+    x, desc = load_image(cfg)
+    kinds = ["seeded"] + (["edge-moe-bin"] if preset == "edge-moe" and default_edge_moe_dir().exists() else [])
+    out = {}
+    for kind in kinds:
+        r = w8a8_study(cfg, load_weights(cfg, kind), x[0].numpy(), desc)
+        for v in r["variants"]:
+            print(f"{kind:>13}  act {v['act']}: final cosine {v['final_cosine_min']:.4f}, saturated "
+                  f"{v['saturated']:>6}, routing changed {v['routing_changed']:.1%}")
+        print(f"{kind:>13}  best act {r['best']['act']}: cosine {r['best']['final_cosine_min']:.4f} "
+              f"{'>=' if r['reaches_target'] else '<'} {r['target_cosine']}")
+        out[kind] = r
+    return out
+
+
 def bench_data() -> dict:
     """Synthetic scene generation speed at 128x256."""
     from edgemoe.model.data import bench_data as bd
@@ -222,7 +244,7 @@ def bench_data() -> dict:
 
 BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data,
            "rtl": bench_rtl, "rtl_w8": bench_rtl_w8, "fast_sim": bench_fast_sim,
-           "fast_sim_flags": bench_fast_sim_flags}
+           "fast_sim_flags": bench_fast_sim_flags, "w8a8": bench_w8a8}
 
 
 def main(argv=None) -> int:

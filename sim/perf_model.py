@@ -15,9 +15,16 @@ Clock and DRAM
   once per transfer: a new instruction's stream is not requested before the instruction
   starts). DRAM bytes per instruction are quant.compiler.dram_traffic's (same routing).
 Instruction fetch (every executed instruction, loop bodies once per active expert)
-  dram_latency_cycles + ceil(1 / r) (one 32-byte instruction = one beat of a 256-bit port; a
-  narrower port needs 32 / (axi_data_bits / 8) beats) + PerfAssumptions.decode_cycles.
-  Fetch is not overlapped with the previous instruction (PerfAssumptions.prefetch = False).
+  F = dram_latency_cycles + ceil(1 / r) (one 32-byte instruction = one beat of a 256-bit port; a
+  narrower port needs 32 / (axi_data_bits / 8) beats) + PerfAssumptions.decode_cycles when the
+  controller fetches it in FETCH: the first instruction, the one after an EXPERT_LOOP, END after
+  STORE. Every other instruction is prefetched while its predecessor (in execution order: a
+  loop body expert by expert) runs, from the moment that one's own DRAM reads have ended:
+  cost o + max(0, F - o - hide - prefetch_slack) with o = PerfAssumptions.prefetched_decode_cycles
+  and hide = the predecessor's cycles after its last read beat: LINEAR the schedule's
+  tail after the final weight tile, LOAD_ROWS MOVE_OVERHEAD, LAYERNORM everything after its
+  parameter beats, ATTENTION and GATE their whole run (no reads). PerfAssumptions.prefetch =
+  False models a controller without prefetch (every instruction pays F).
 Validated against the RTL top (hw/accel.py, sim/rtl_sim.py, `edgemoe simulate`): the terms below
 are the engines' start-to-done cycles as their docstrings and tests pin them.
 LOAD_ROWS / STORE (hw/move_op.py): one buffer word per cycle (two with ADD) and beats at the
@@ -84,7 +91,10 @@ class PerfAssumptions:
     decode_cycles: int = 7          # controller cycles per instruction besides the fetch's DRAM
                                     # latency and beat (hw/accel.py: FETCH, the AXI master's AR
                                     # register, the R beat, DECODE, ISSUE, the done cycle)
-    prefetch: bool = False          # True: fetch hidden behind the previous instruction
+    prefetch: bool = True           # hw/accel.py prefetches the next instruction during EXEC
+    prefetched_decode_cycles: int = 4   # retire -> the next EXEC when its beat is already in
+    prefetch_slack: int = 2         # cycles of a predecessor's tail beyond the model's own
+                                    # (the AXI master's AR register and rd_idle: measured)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,12 +124,16 @@ def dram_transfer_cycles(nbytes: int, hwcfg) -> int:
     return hwcfg.dram_latency_cycles + stretch(-(-nbytes // B), beat_rate(hwcfg))
 
 
-def fetch_cycles(hwcfg, assume: PerfAssumptions) -> tuple[int, int]:
-    """(dram_wait, overhead) cycles of one instruction fetch + decode."""
+def fetch_cycles(hwcfg, assume: PerfAssumptions, hide: int | None = None) -> tuple[int, int]:
+    """(dram_wait, overhead) cycles of one instruction fetch + decode. hide: cycles of the
+    predecessor during which this instruction's prefetch runs (None: fetched in FETCH)."""
     from edgemoe.quant.program import INSTR_BYTES
-    if assume.prefetch:
-        return 0, assume.decode_cycles
-    return dram_transfer_cycles(INSTR_BYTES, hwcfg), assume.decode_cycles
+    full = dram_transfer_cycles(INSTR_BYTES, hwcfg)
+    if not assume.prefetch or hide is None:
+        return full, assume.decode_cycles
+    o = assume.prefetched_decode_cycles
+    visible = full + assume.decode_cycles - o
+    return max(0, visible - hide - assume.prefetch_slack), o
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +146,7 @@ class Schedule:
     compute_cycles: int  # passes * rows * row_cycles
     first_load: int      # cycles before the first pass may start (bias + first tile load)
     stall_cycles: int    # waits for a tile load between passes
+    last_load: int = 0   # the cycle the final tile's last beat arrives (the weight read ends)
 
 
 def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int, row_cycles: int,
@@ -168,7 +183,7 @@ def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int,
         epi_free = e_start + R + 1
         bank_free[j % 2] = e_start + R + 2
         last_y = e_start + R + epi_latency - 1
-    return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall)
+    return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall, loader)
 
 
 def epi_cycles(g, gelu: bool) -> int:
@@ -184,7 +199,8 @@ def _geometry(qcfg, hwcfg):
 
 
 def linear_layer(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode) -> dict:
-    """Cycles of one LINEAR execution (without its fetch and first-beat latency), split."""
+    """Cycles of one LINEAR execution (without its fetch and first-beat latency), split; "tail":
+    cycles after the last weight beat (the next instruction's prefetch runs then)."""
     from edgemoe.quant.linear import get_mode
 
     from edgemoe.sim.perf import linear_timing
@@ -193,16 +209,16 @@ def linear_layer(rows: int, k_in: int, n_out: int, hwcfg, qcfg, mode) -> dict:
     lay = g.layout
     bias_beats = lay.bias_beats if lay.has_header(md.bias) else 0
     r = beat_rate(hwcfg)
+    sch = linear_schedule(rows, lay.chunks(k_in), lay.tiles(n_out), stretch(lay.tile_beats, r),
+                          stretch(bias_beats, r), 1, g.mac_stages, epi_cycles(g, md.gelu))
     if r >= 1.0:
         t = linear_timing(rows, k_in, n_out, hwcfg, qcfg, mode)
         cycles, compute, stall, first = t.cycles, t.compute_cycles, t.stall_cycles, bias_beats + lay.tile_beats
     else:
-        sch = linear_schedule(rows, lay.chunks(k_in), lay.tiles(n_out), stretch(lay.tile_beats, r),
-                              stretch(bias_beats, r), 1, g.mac_stages, epi_cycles(g, md.gelu))
         cycles, compute, stall, first = sch.cycles, sch.compute_cycles, sch.stall_cycles, sch.first_load
     return {"cycles": cycles, "compute": compute, "dram_wait": first + stall,
             "overhead": cycles - compute - first - stall,
-            "passes": lay.chunks(k_in) * lay.tiles(n_out)}
+            "passes": lay.chunks(k_in) * lay.tiles(n_out), "tail": max(0, sch.cycles - sch.last_load)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,13 +367,12 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
     prog = program_skeleton(cfg, qcfg, hwcfg)
     traffic = dram_traffic(prog, routing)
     rate = beat_rate(hwcfg)
-    f_dram, f_over = fetch_cycles(hwcfg, assume)
     D = cfg.dim
     lat = unit_latencies(cfg, qcfg, hwcfg)
     B = hwcfg.axi_data_bits // 8
     mac_peak = hwcfg.t_in * hwcfg.t_out
     rows_out: list[dict] = []
-    body_left, cur_queues = 0, []
+    body_left, cur_queues, body = 0, [], []
 
     def row(name, type_, pc, split, macs=0, peak=mac_peak, expert=None, nrows=None, read=0, write=0,
             fetch=0, k=None, n=None):
@@ -371,9 +386,9 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
         r["utilisation"] = r["macs"] / (peak * r["cycles"]) if r["macs"] else 0.0
         rows_out.append(r)
 
-    def with_fetch(split):
-        return {"cycles": split["cycles"] + f_dram + f_over, "compute": split["compute"],
-                "dram_wait": split["dram_wait"] + f_dram, "overhead": split["overhead"] + f_over}
+    # 1. every execution as (rows to emit, hide): the first row takes the instruction's fetch;
+    #    hide = cycles after its last DRAM read beat (None: the successor is fetched in FETCH)
+    execs_in_order: list[tuple[list, int | None]] = []
 
     for pc, (ins, name) in enumerate(zip(prog.instrs, prog.names)):
         tr = traffic.per_instr[pc]
@@ -388,23 +403,28 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
         wr = tr.write_bytes // max(1, tr.executions)
         fb = tr.fetch_bytes // max(1, tr.executions)
         op = ins.op
+        per_pc = []
         for expert, qlen in execs:
             kw = dict(read=rd, write=wr, fetch=fb)
             if op is Op.LINEAR:
                 mode = _mode_of(ins)
                 n_rows = qlen if in_body else ins.rows
                 s = linear_layer(n_rows, ins.k, ins.n, hwcfg, qcfg, mode)
+                tail = s.pop("tail")
+                s.pop("passes")
                 s["dram_wait"] += hwcfg.dram_latency_cycles
                 s["cycles"] += hwcfg.dram_latency_cycles
-                row(name, _linear_type(name), pc, with_fetch(s), n_rows * ins.k * ins.n,
-                    expert=expert, nrows=n_rows, k=ins.k, n=ins.n, **kw)
+                per_pc.append(([(name, _linear_type(name), pc, s,
+                                 dict(macs=n_rows * ins.k * ins.n, expert=expert, nrows=n_rows, k=ins.k,
+                                      n=ins.n, **kw))], tail))
             elif op is Op.ATTENTION:
                 a = attention_op_cycles(cfg, qcfg, hwcfg)
                 heads = ins.arg
                 macs = cfg.num_tokens ** 2 * cfg.head_dim * heads
                 peak = hwcfg.attn_p * cfg.head_dim
-                row(name + ".qk", "qk", pc, with_fetch(a["qk"]), macs, peak, nrows=ins.rows, fetch=fb)
-                row(name + ".av", "av", pc, a["av"], macs, peak, nrows=ins.rows)
+                per_pc.append(([(name + ".qk", "qk", pc, a["qk"], dict(macs=macs, peak=peak, nrows=ins.rows, fetch=fb)),
+                                (name + ".av", "av", pc, a["av"], dict(macs=macs, peak=peak, nrows=ins.rows))],
+                               a["qk"]["cycles"] + a["av"]["cycles"]))
             elif op is Op.LAYERNORM:
                 G = hwcfg.t_in
                 wpr = -(-D // G)
@@ -414,7 +434,8 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                      # the parameter beats overlap the unit's fill; a slow DRAM can outlast it
                      "overhead": max(0, lat["layernorm"] + 2 * wpr + 3 - stretch(par_beats, rate))}
                 s["cycles"] = sum(s.values())
-                row(name, "layernorm", pc, with_fetch(s), nrows=ins.rows, **kw)
+                per_pc.append(([(name, "layernorm", pc, s, dict(nrows=ins.rows, **kw))],
+                               s["compute"] + s["overhead"]))
             elif op in (Op.LOAD_ROWS, Op.STORE):
                 # hw/move_op.py: one buffer word per cycle (two with LOAD_ROWS ADD), beats at
                 # the DRAM rate; reads wait the first-beat latency, writes only their response
@@ -423,23 +444,44 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                 move = max(stretch(beats, rate), words * (2 if ins.flags and op is Op.LOAD_ROWS else 1))
                 wait = hwcfg.dram_latency_cycles if op is Op.LOAD_ROWS else 0
                 c = wait + move + MOVE_OVERHEAD
-                row(name, "embed" if op is Op.LOAD_ROWS else "store", pc,
-                    with_fetch({"cycles": c, "compute": 0, "dram_wait": wait + move, "overhead": MOVE_OVERHEAD}),
-                    nrows=ins.rows, **kw)
+                per_pc.append(([(name, "embed" if op is Op.LOAD_ROWS else "store", pc,
+                                 {"cycles": c, "compute": 0, "dram_wait": wait + move, "overhead": MOVE_OVERHEAD},
+                                 dict(nrows=ins.rows, **kw))],
+                               MOVE_OVERHEAD if op is Op.LOAD_ROWS else None))   # STORE: no prefetch
             elif op is Op.GATE:
                 W = -(-cfg.num_experts // hwcfg.t_in)
                 s = {"compute": ins.rows * W, "dram_wait": 0,
                      "overhead": lat["gate"] + lat["gate_read"] + ins.rows * cfg.top_k + 1}
                 s["cycles"] = sum(s.values())
-                row(name, "gate", pc, with_fetch(s), nrows=ins.rows, **kw)
+                per_pc.append(([(name, "gate", pc, s, dict(nrows=ins.rows, **kw))], s["cycles"]))
             elif op in (Op.EXPERT_LOOP, Op.END):
-                row(name, "control", pc, with_fetch({"cycles": 0, "compute": 0, "dram_wait": 0,
-                                                     "overhead": 0}), **kw)
+                # EXPERT_LOOP goes from ISSUE straight to FETCH: no prefetch of its successor
+                per_pc.append(([(name, "control", pc, {"cycles": 0, "compute": 0, "dram_wait": 0,
+                                                       "overhead": 0}, kw)], None))
             else:
                 raise PerfModelError(f"pc {pc}: opcode {op.name} has no cycle model")
+        if in_body:
+            body.append(per_pc)
+            if body_left == 0:           # the body runs expert by expert: interleave
+                for i in range(len(cur_queues)):
+                    execs_in_order.extend(b[i] for b in body)
+                body = []
+        else:
+            execs_in_order.extend(per_pc)
         if op is Op.EXPERT_LOOP:
             cur_queues = queues[_block(name)]
             body_left = ins.arg
+
+    # 2. charge each execution its fetch, given what its predecessor hid
+    prev_hide = None
+    for rws, hide in execs_in_order:
+        f_dram, f_over = fetch_cycles(hwcfg, assume, prev_hide)
+        for j, (name, type_, pc, split, kw) in enumerate(rws):
+            if j == 0:
+                split = {"cycles": split["cycles"] + f_dram + f_over, "compute": split["compute"],
+                         "dram_wait": split["dram_wait"] + f_dram, "overhead": split["overhead"] + f_over}
+            row(name, type_, pc, split, **kw)
+        prev_hide = hide
 
     return _summarise(cfg, qcfg, hwcfg, rows_out, traffic, routing_source or "given routing",
                       assume, rate)

@@ -46,15 +46,33 @@ def test_generalised_schedule_equals_sim_perf(q, hw):
 
 
 def test_linear_rows_consistent_with_sim_perf(tiny):
-    """Every LINEAR execution = sim.perf.linear_cycles + its fetch + one DRAM first-beat latency."""
-    f_dram, f_over = pm.fetch_cycles(HW16, pm.PerfAssumptions())
-    lin = [r for r in tiny["layers"] if r["k"] is not None]
-    assert len(lin) > 10
-    prog = pm.program_skeleton(get_preset("tiny"), FIXED, HW16)
-    for r in lin:
-        mode = pm._mode_of(prog.instrs[r["pc"]])
-        want = linear_cycles(r["rows"], r["k"], r["n"], HW16, FIXED, mode)
-        assert r["cycles"] == want + f_dram + f_over + HW16.dram_latency_cycles, r["name"]
+    """Every LINEAR execution = sim.perf.linear_cycles + its fetch + one DRAM first-beat latency:
+    without prefetch the full fetch; with it (the default) the fetch of whatever the predecessor
+    in execution order left visible."""
+    cfg = get_preset("tiny")
+    prog = pm.program_skeleton(cfg, FIXED, HW16)
+    f_dram, f_over = pm.fetch_cycles(HW16, pm.PerfAssumptions(prefetch=False))
+    assert (f_dram, f_over) == (HW16.dram_latency_cycles + 1, pm.PerfAssumptions().decode_cycles)
+    nopf = pm.inference_cycles(cfg, FIXED, HW16, assumptions=pm.PerfAssumptions(prefetch=False))
+    seen = set()
+    for rows in (nopf["layers"], tiny["layers"]):
+        lin = [r for r in rows if r["k"] is not None]
+        assert len(lin) > 10
+        for r in lin:
+            mode = pm._mode_of(prog.instrs[r["pc"]])
+            want = linear_cycles(r["rows"], r["k"], r["n"], HW16, FIXED, mode) + HW16.dram_latency_cycles
+            if rows is nopf["layers"]:
+                assert r["cycles"] == want + f_dram + f_over, r["name"]
+            else:
+                fetch = r["cycles"] - want
+                assert pm.PerfAssumptions().prefetched_decode_cycles <= fetch <= f_dram + f_over, r["name"]
+                seen.add(fetch)
+    # after a LAYERNORM (long tail) the fetch is hidden; after EXPERT_LOOP it is not
+    assert pm.PerfAssumptions().prefetched_decode_cycles in seen and f_dram + f_over in seen
+    order = [(r["name"], r["expert"]) for r in tiny["layers"]]
+    i = order.index(("blocks.1.mlp.expert_fc1", 0))
+    assert order[i + 1] == ("blocks.1.mlp.expert_fc2", 0)       # execution order: expert by expert
+    assert tiny["totals"]["cycles"] < nopf["totals"]["cycles"]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "edge-moe"])

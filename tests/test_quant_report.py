@@ -160,3 +160,21 @@ def test_cli_real_weights_flags_random_experts(tmp_path):
     assert p["weights_saturated_total"] == 0 and run["saturated_total"] == 0
     assert run["final"]["cosine"] >= 0.990
     assert (tmp_path / "quant_report.png").stat().st_size > 10_000
+
+
+def test_w8a8_study_tiny():
+    """8-bit activations everywhere: every stored activation format is 8 bits wide, and the
+    features are measurably further from float than w8a16-channel's on the same image."""
+    from edgemoe.model.images import load_image
+    from edgemoe.quant.report import quant_report, w8a8_study, w8a8_variant
+    cfg = get_preset("tiny")
+    q = w8a8_variant(4)
+    assert all(getattr(q, f).bits == 8 for f in ("act", "gelu_in", "attn_in", "gate_logit"))
+    w = load_weights(cfg, "seeded")
+    x, desc = load_image(cfg)
+    r = w8a8_study(cfg, w, x[0].numpy(), desc, fracs=(3, 4), tasks=[0])
+    assert [v["act"] for v in r["variants"]] == ["s8.3", "s8.4"]
+    ref = quant_report(cfg, w, ["w8a16-channel"], x[0].numpy(), desc, [0])
+    c16 = ref["presets"]["w8a16-channel"]["summary"]["final_cosine_min"]
+    assert 0.5 < r["best"]["final_cosine_min"] < c16
+    assert r["reaches_target"] == (r["best"]["final_cosine_min"] >= 0.99)
