@@ -203,3 +203,21 @@ def test_slow_dram_on_the_32x32_design():
     e = slow["by_type"]["expert_fc1"]
     assert e["dram_wait"] > e["compute"]
     assert slow["by_type"]["layernorm"]["overhead"] >= 0
+
+
+def test_128_bit_port_at_half_a_beat_equals_256_at_a_quarter():
+    """Issue 12's ZCU102 HP port under load (128 bits, 0.5 beat per cycle) moves the bytes per
+    cycle of the 256-bit port at 0.25 beat: the model charges both the same (tiles, fetches and
+    parameters are counted in bytes), and at 1 beat per cycle the narrower port is slower."""
+    from edgemoe.hw.config import get_hw_preset
+    from edgemoe.model.config import get_preset
+    from edgemoe.quant.config import get_quant_preset
+    cfg, q = get_preset("edge-moe"), get_quant_preset("w8a16-channel")
+    hw = get_hw_preset("zcu102-w8-32x32")
+    quarter = pm.inference_cycles(cfg, q, hw.replace(dram_gbps=2.4))
+    narrow = pm.inference_cycles(cfg, q, hw.replace(axi_data_bits=128, dram_gbps=2.4))
+    assert (quarter["beat_rate"], narrow["beat_rate"]) == (0.25, 0.5)
+    assert narrow["totals"]["cycles"] == quarter["totals"]["cycles"]
+    full128 = pm.inference_cycles(cfg, q, hw.replace(axi_data_bits=128))
+    assert full128["beat_rate"] == 1.0
+    assert full128["totals"]["cycles"] > pm.inference_cycles(cfg, q, hw)["totals"]["cycles"]
