@@ -4,7 +4,8 @@ inference_cycles(cfg, qcfg, hwcfg, routing) walks the program the compiler emits
 (quant.compiler.emit_instructions; no weights are needed) and charges every executed
 instruction its cycles; the expert-loop body runs once per ACTIVE expert of the routing, over
 that expert's queue length. Instructions run one after another (the controller starts an
-instruction after the previous one's last output), so the total is the sum. Every term is
+instruction after the previous one's last output; only the next instruction's fetch overlaps,
+below), so the total is the sum. Every term is
 below, each in one function, so that the RTL validation (target: within 5 %) can point at the
 term that differs.
 
