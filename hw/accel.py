@@ -505,7 +505,8 @@ class Accelerator(wiring.Component):
                     m.next = "EXEC"
             with m.State("EXEC"):
                 # the pc after this instruction: back to the loop start while experts remain
-                npc = Mux(in_loop & (pc == loop_end) & ex_found, loop_start, pc + 1)
+                at_loop_end = in_loop & (pc == loop_end)
+                npc = Mux(at_loop_end & ex_found, loop_start, pc + 1)
                 finishing = (engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle & ~rd_cmd_valid
                 m.d.comb += pf_wait.eq(pf_state == 1)
                 # every read of this instruction has arrived: the port is free for the next fetch
@@ -529,7 +530,7 @@ class Accelerator(wiring.Component):
                             m.d.sync += gate_ok.eq(1)
                         # next pc: loop back / next expert / fall through
                         m.d.sync += [pc.eq(npc), pf_state.eq(0)]
-                        with m.If(in_loop & (pc == loop_end)):
+                        with m.If(at_loop_end):
                             with m.If(ex_found):
                                 m.d.sync += expert.eq(ex_next)
                             with m.Else():

@@ -540,8 +540,9 @@ def gate_fixed(logits, qcfg: QuantConfig, top_k: int, sat: SatCounter | None = N
     integer sum, saturated); recip = reciprocal_fixed(S); p = round(e * recip >> (exp.frac +
     recip.frac - gate_prob.frac)) in gate_prob. Top-k: descending logit code (p is monotone in it;
     ranking by p codes would pick arbitrarily among experts whose p round to the same code, such
-    as several at 0 next to a dominant expert), equal logits -> lower expert index first. Returns (topk_idx [..., k], topk_w [..., k] gate_prob codes,
-    probs [..., E]); combine weights are the selected probabilities, not renormalised.
+    as several at 0 next to a dominant expert), equal logits -> lower expert index first.
+    Returns (topk_idx [..., k], topk_w [..., k] gate_prob codes, probs [..., E]); combine weights
+    are the selected probabilities, not renormalised.
     """
     lg = _i64(logits)
     if lg.ndim < 1 or lg.shape[-1] < 1:

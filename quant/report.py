@@ -157,6 +157,9 @@ def _routing_attribution(cfg, q: QuantConfig, qw, folded: dict, trace, tensors: 
     """Per MoE block, where a changed top-k set comes from: tokens whose float top-k changes when
     only the router weights are quantised (float router input), and when only the router input
     is (the golden model's LayerNorm output, float weights). Float matmuls, no gate rounding."""
+    def topk(lg):
+        return np.sort(np.argsort(-lg, axis=1, kind="stable")[:, :cfg.top_k], axis=1)
+
     out = {}
     for b in cfg.moe_blocks:
         pre = f"blocks.{b}"
@@ -168,9 +171,6 @@ def _routing_attribution(cfg, q: QuantConfig, qw, folded: dict, trace, tensors: 
             h_f, h_g = (np.concatenate([h, np.broadcast_to(emb, (h.shape[0], emb.size))], 1) for h in (h_f, h_g))
         w_f = np.asarray(folded[key], np.float64)
         w_q = _router_weights_real(q, qw, key)
-
-        def topk(lg):
-            return np.sort(np.argsort(-lg, axis=1, kind="stable")[:, :cfg.top_k], axis=1)
         ref = topk(h_f @ w_f.T)
         out[str(b)] = {"router_weights_only": int(np.any(topk(h_f @ w_q.T) != ref, axis=1).sum()),
                        "router_input_only": int(np.any(topk(h_g @ w_f.T) != ref, axis=1).sum())}
@@ -392,7 +392,6 @@ def format_summary(rep: dict) -> str:
                          + ", ".join(f"{k} {v['clipped']}/{v['total']} at {v['clip_fraction_of_max']:.3f} of max"
                                      for k, v in worst))
     return "\n".join(lines)
-
 
 
 # ---------------------------------------------------------------------------------------------

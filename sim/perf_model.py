@@ -5,9 +5,8 @@ inference_cycles(cfg, qcfg, hwcfg, routing) walks the program the compiler emits
 instruction its cycles; the expert-loop body runs once per ACTIVE expert of the routing, over
 that expert's queue length. Instructions run one after another (the controller starts an
 instruction after the previous one's last output; only the next instruction's fetch overlaps,
-below), so the total is the sum. Every term is
-below, each in one function, so that the RTL validation (target: within 5 %) can point at the
-term that differs.
+below), so the total is the sum. Every term is below, each in one function, so that the RTL
+validation (target: within 5 %) can point at the term that differs.
 
 Clock and DRAM
   beat rate r = min(1, dram_gbps * 1e9 / (axi_data_bits / 8 * clock_hz)) beats per cycle: the
