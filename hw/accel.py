@@ -14,12 +14,15 @@ over the AXI4 master and executes it one instruction at a time on:
 Semantics = quant/interpreter.py Machine (the Python executor), bit for bit: buffer contents,
 the OUTPUT region, and the error code / pc of a bad program (for the checks listed below).
 
-Controller (one instruction at a time; only the next instruction's fetch overlaps):
-  FETCH    read the 32-byte instruction at PROGRAM_BASE + 32 * pc (one 256-bit beat). The first
+Controller (one instruction at a time; the next instruction's fetch and data request overlap):
+  FETCH    read the 32-byte instruction at PROGRAM_BASE + 32 * pc (256 / axi_data_bits beats of the
+           port, 1 at 256 bits: the port may be 32 to 256 bits wide). The first
            instruction and the one after an EXPERT_LOOP are fetched here; every other one is
            prefetched during EXEC of its predecessor (below).
   DECODE   checks -> ERROR_CODE / ERROR_PC and stop:
              (in this order of priority)
+             ERR_RUNAWAY  2**20 instructions without END
+             ERR_ADDRESS  the instruction's own fetch had an AXI error response
              ERR_ILLEGAL  bad opcode / enum / reserved or unused field set / LINEAR flag
                           combination / LOAD_ROWS flags / src == dst
              ERR_LOOP     EXPERT_LOOP before GATE / nested / empty body; END or EXPERT_LOOP in a
@@ -31,14 +34,24 @@ Controller (one instruction at a time; only the next instruction's fetch overlap
              ERR_BUFFER   rows or widths beyond a buffer
              ERR_ADDRESS  unaligned address, or an AXI error response (outside the memory)
              ERR_DATA     LOAD_ROWS: a container that is not a sign-extended act code
-             ERR_RUNAWAY  2**20 instructions without END
   EXEC     start the engine and the AXI transfer of the instruction, wait for the engine's done
-           (STORE: and every write response). Prefetch: once the instruction's own DRAM reads
-           have all arrived (no STORE: its write errors stay its own), the read port fetches the
-           next pc's instruction (pc + 1, or the loop start when the body repeats) into a
-           holding register, so DECODE follows the retire at once. The bytes read are those of
-           the unprefetched controller (every prefetch is used); an AXI error of a prefetch is
-           reported at the next pc, as after its FETCH (ERROR_CODE / ERROR_PC unchanged).
+           (STORE: and every write response). Read beats arrive in request order and each goes
+           to its owner: this instruction's data (a count of beats), then the prefetched
+           instruction, then the next instruction's early data.
+           Prefetch: as soon as this instruction's read is handed to the AXI master (no STORE:
+           its write errors stay its own), the next pc's instruction (pc + 1, or the loop start
+           when the body repeats) is requested; its beats follow this instruction's and go to a
+           holding register, so DECODE follows the retire at once.
+           Early data: once that instruction is in, if it is a LINEAR or LAYERNORM that DECODE
+           will accept under the loop state it will run with (next expert, in_loop, gate_ok),
+           with an aligned address, and this instruction is not a LOAD_ROWS or GATE (which may
+           still fail), its weight / parameter read is requested too. Its beats wait in the R
+           channel (rready low) until it starts, so a LINEAR no longer waits the first-beat
+           latency behind a long enough predecessor.
+           The bytes read and counted are those of the one-at-a-time controller (every prefetch
+           is used; held beats of a program that stops are drained uncounted); an AXI error is
+           reported at the pc of the instruction whose beat carried it (ERROR_CODE / ERROR_PC
+           as the executor's).
   EXPERT_LOOP arg: the next arg instructions run once per active expert (increasing id; the
            queue of expert e is entries q_base[e] .. + q_len[e] of the queue memory).
 Every unit is reset by START (a clean state after an error).
@@ -93,9 +106,10 @@ def _unused_masks() -> dict[Op, list[int]]:
 def check_buildable(cfg, qcfg: QuantConfig, hwcfg: HWConfig):
     """The AccelPlan of this top, or HWConfigError naming what the generator cannot build."""
     check_channel_datapath(qcfg)
-    if hwcfg.axi_data_bits != 8 * INSTR_BYTES:
-        raise HWConfigError(f"HWConfig '{hwcfg.name}': the controller fetches one instruction "
-                            f"per beat: axi_data_bits must be {8 * INSTR_BYTES}, got {hwcfg.axi_data_bits}")
+    if not 32 <= hwcfg.axi_data_bits <= 8 * INSTR_BYTES:
+        raise HWConfigError(f"HWConfig '{hwcfg.name}': an instruction ({8 * INSTR_BYTES} bits) spans whole "
+                            f"beats of the AXI4 port: axi_data_bits must be 32..{8 * INSTR_BYTES}, "
+                            f"got {hwcfg.axi_data_bits}")
     return accel_plan(cfg, qcfg, hwcfg)
 
 
@@ -273,54 +287,59 @@ class Accelerator(wiring.Component):
         in_loop = Signal()
         expert = Signal(range(max(p.experts, 2)))
         gate_ok = Signal()
-        queue_mode = (flags & int(Flag.GATHER | Flag.SCATTER | Flag.GATE)).any()
         unused = _unused_masks()
-        illegal = Signal()
-        bad_buffer = Signal()
-        bad_loop = Signal()
-        ill_terms, buf_terms, loop_terms = [], [], []
-        ill_terms += [(ins[w] & mask).any() for w, mask in _RESERVED.items()]
-        ill_terms += [(op == 0) | (op > max(Op))]
-        ill_terms += [base_sel > 2, index > 2]
-        for o in Op:
-            ill_terms.append(is_op[o] & Cat(*[(ins[w] & unused[o][w]).any() for w in range(8)]).any())
-        src_used = is_op[Op.LAYERNORM] | is_op[Op.LINEAR] | is_op[Op.ATTENTION] | is_op[Op.GATE] | is_op[Op.STORE]
-        dst_used = is_op[Op.LOAD_ROWS] | is_op[Op.LAYERNORM] | is_op[Op.LINEAR] | is_op[Op.ATTENTION]
-        ill_terms += [src_used & ((src == 0) | (src >= n_buf + 1)), dst_used & ((dst == 0) | (dst >= n_buf + 1)),
-                      src_used & dst_used & (src == dst)]
-        ill_terms.append(is_op[Op.LOAD_ROWS] & (flags & ~LOAD_ADD & 0xFF).any())
-        logit = flags[4]
-        ill_terms.append(is_op[Op.LINEAR] & ((logit & (flags[1] | flags[2] | flags[3])) | (flags[2] & ~flags[3])))
-        # after the loop checks (the interpreter's order): shapes of this hardware
-        op_terms = [is_op[Op.LINEAR] & ((logit != (dst == int(Buf.L)))
-                                        | (queue_mode & ((rows != 0) | (row_off != 0))))]
-        op_terms.append((is_op[Op.LOAD_ROWS] | is_op[Op.STORE]) & (k[:(p.G - 1).bit_length()] != 0
-                                                                    if p.G > 1 else Const(0)))
-        op_terms.append(is_op[Op.LAYERNORM] & (k != p.dim))
-        op_terms.append(is_op[Op.ATTENTION] & ((rows != p.tokens) | (k != p.dim) | (arg != p.heads)))
-        op_terms.append(is_op[Op.GATE] & ((rows != p.tokens) | (n != p.experts) | (arg != p.top_k)
-                                           | (src != int(Buf.L)) | Const(not self.moe)))
-        m.d.comb += illegal.eq(Cat(*ill_terms).any())
-        illegal_op = Signal()
-        m.d.comb += illegal_op.eq(Cat(*op_terms).any())
-        R = p.R
-        sw, dw = width_of(src), width_of(dst)
-        buf_terms += [
-            is_op[Op.LOAD_ROWS] & ((row_off + rows > R) | (k > dw)),
-            is_op[Op.STORE] & ((rows > R) | (k > sw)),
-            is_op[Op.LAYERNORM] & ((rows > R) | (k > sw) | (k > dw)),
-            is_op[Op.LINEAR] & ~queue_mode & ((rows > R) | (row_off + rows > R)),
-            is_op[Op.LINEAR] & ((k > sw) | (n > dw)),
-            is_op[Op.ATTENTION] & ((rows > R) | (3 * k > sw) | (k > dw)),
-            is_op[Op.GATE] & ((rows > R) | (n > sw)),
-        ]
-        m.d.comb += bad_buffer.eq(Cat(*buf_terms).any())
-        loop_terms += [
-            is_op[Op.EXPERT_LOOP] & ((arg == 0) | ~gate_ok | in_loop),
-            in_loop & (is_op[Op.END] | is_op[Op.EXPERT_LOOP]),
-            is_op[Op.LINEAR] & ~in_loop & (queue_mode | (index == 2)),
-        ]
-        m.d.comb += bad_loop.eq(Cat(*loop_terms).any())
+
+        def decode_checks(ws, in_loop_v, gate_ok_v):
+            """DECODE's checks of instruction words ws under loop state (in_loop_v, gate_ok_v):
+            (illegal, bad_loop, illegal_op, bad_buffer) in the order of priority above. Applied
+            to the instruction in `ins` and, for the early data request, to the prefetched one."""
+            op_, src_, dst_ = _field(ws, "op"), _field(ws, "src"), _field(ws, "dst")
+            fl = _field(ws, "flags")
+            rows_, row_off_, k_, n_, arg_ = (_field(ws, f) for f in ("rows", "row_off", "k", "n", "arg"))
+            is_ = {o: (op_ == int(o)) for o in Op}
+            qmode = (fl & int(Flag.GATHER | Flag.SCATTER | Flag.GATE)).any()
+            ill = [(ws[w] & mask).any() for w, mask in _RESERVED.items()]
+            ill += [(op_ == 0) | (op_ > max(Op))]
+            ill += [_field(ws, "base") > 2, _field(ws, "index") > 2]
+            for o in Op:
+                ill.append(is_[o] & Cat(*[(ws[w] & unused[o][w]).any() for w in range(8)]).any())
+            src_used = is_[Op.LAYERNORM] | is_[Op.LINEAR] | is_[Op.ATTENTION] | is_[Op.GATE] | is_[Op.STORE]
+            dst_used = is_[Op.LOAD_ROWS] | is_[Op.LAYERNORM] | is_[Op.LINEAR] | is_[Op.ATTENTION]
+            ill += [src_used & ((src_ == 0) | (src_ >= n_buf + 1)), dst_used & ((dst_ == 0) | (dst_ >= n_buf + 1)),
+                    src_used & dst_used & (src_ == dst_)]
+            ill.append(is_[Op.LOAD_ROWS] & (fl & ~LOAD_ADD & 0xFF).any())
+            lg = fl[4]
+            ill.append(is_[Op.LINEAR] & ((lg & (fl[1] | fl[2] | fl[3])) | (fl[2] & ~fl[3])))
+            # after the loop checks (the interpreter's order): shapes of this hardware
+            opt = [is_[Op.LINEAR] & ((lg != (dst_ == int(Buf.L))) | (qmode & ((rows_ != 0) | (row_off_ != 0))))]
+            opt.append((is_[Op.LOAD_ROWS] | is_[Op.STORE]) & (k_[:(p.G - 1).bit_length()] != 0
+                                                              if p.G > 1 else Const(0)))
+            opt.append(is_[Op.LAYERNORM] & (k_ != p.dim))
+            opt.append(is_[Op.ATTENTION] & ((rows_ != p.tokens) | (k_ != p.dim) | (arg_ != p.heads)))
+            opt.append(is_[Op.GATE] & ((rows_ != p.tokens) | (n_ != p.experts) | (arg_ != p.top_k)
+                                       | (src_ != int(Buf.L)) | Const(not self.moe)))
+            R = p.R
+            sw, dw = width_of(src_), width_of(dst_)
+            buf = [
+                is_[Op.LOAD_ROWS] & ((row_off_ + rows_ > R) | (k_ > dw)),
+                is_[Op.STORE] & ((rows_ > R) | (k_ > sw)),
+                is_[Op.LAYERNORM] & ((rows_ > R) | (k_ > sw) | (k_ > dw)),
+                is_[Op.LINEAR] & ~qmode & ((rows_ > R) | (row_off_ + rows_ > R)),
+                is_[Op.LINEAR] & ((k_ > sw) | (n_ > dw)),
+                is_[Op.ATTENTION] & ((rows_ > R) | (3 * k_ > sw) | (k_ > dw)),
+                is_[Op.GATE] & ((rows_ > R) | (n_ > sw)),
+            ]
+            loop = [
+                is_[Op.EXPERT_LOOP] & ((arg_ == 0) | ~gate_ok_v | in_loop_v),
+                in_loop_v & (is_[Op.END] | is_[Op.EXPERT_LOOP]),
+                is_[Op.LINEAR] & ~in_loop_v & (qmode | (_field(ws, "index") == 2)),
+            ]
+            return tuple(Cat(*t).any() for t in (ill, loop, opt, buf))
+
+        queue_mode = (flags & int(Flag.GATHER | Flag.SCATTER | Flag.GATE)).any()
+        illegal, bad_loop, illegal_op, bad_buffer = Signal(), Signal(), Signal(), Signal()
+        m.d.comb += [s.eq(v) for s, v in zip((illegal, bad_loop, illegal_op, bad_buffer),
+                                              decode_checks(ins, in_loop, gate_ok))]
 
         # address of the instruction's memory operand
         idx_val = Mux(index == 1, task, Mux(index == 2, expert, 0))
@@ -366,21 +385,47 @@ class Accelerator(wiring.Component):
 
         # read beats to their consumer
         fetching = Signal()
-        # prefetch of the next instruction during EXEC: 0 none, 1 AR issued, 2 beat held in pf_buf
+        # prefetch of the next instruction during EXEC: 0 none, 1 AR issued, 2 instruction held
+        # in pf_buf
         pf_state = Signal(2)
+        pf_wait = Signal()                            # EXEC and the prefetch not complete
+        # an instruction is IB beats (beat 0 = words 0 .. WPB-1): FETCH and the prefetch shift
+        # them into pf_buf; the last beat completes it (FETCH_WAIT takes it straight into ins)
+        IB, WPB = INSTR_BYTES // B, B // 4
         pf_buf = [Signal(32, name=f"pf_ins{i}") for i in range(8)]
-        pf_wait = Signal()                            # EXEC and the prefetched beat not yet in
-        consumers = [(fetching, None), (is_op[Op.LOAD_ROWS], load.d), (is_op[Op.LAYERNORM], ln.p),
-                     (is_op[Op.LINEAR], lin.w)]
-        with m.If(fetching | pf_wait):
+        f_cnt = Signal(range(max(IB, 2)))              # beats of the instruction already in
+        f_last = (f_cnt == IB - 1) if IB > 1 else Const(1, 1)
+
+        def shifted_in(beat):
+            return pf_buf[WPB:] + [beat[32 * j:32 * (j + 1)] for j in range(WPB)]
+
+        # Beats arrive in request order: the running instruction's data (cur_left beats), then the
+        # prefetched instruction, then (early) the next instruction's data, which waits in the R
+        # channel (rready low) until that instruction runs. AXI errors go to the beat's owner.
+        cur_left = Signal(24)                         # data beats of this instruction still to come
+        early = Signal()                              # the next instruction's data is requested
+        f_err = Signal()                              # an instruction beat had an error response
+        d_err = Signal()                              # a data beat of this instruction had one
+        own = cur_left != 0
+        take_ins = fetching | (pf_wait & ~own)
+        consumers = [(is_op[Op.LOAD_ROWS], load.d), (is_op[Op.LAYERNORM], ln.p), (is_op[Op.LINEAR], lin.w)]
+        with m.If(take_ins):
             m.d.comb += axim.rd_data.ready.eq(1)
-            with m.If(pf_wait & axim.rd_data.valid):
-                m.d.sync += [w.eq(axim.rd_data.payload[32 * i:32 * (i + 1)]) for i, w in enumerate(pf_buf)]
-                m.d.sync += pf_state.eq(2)
-        for cond, s in consumers[1:]:
-            with m.Elif(cond & busy):
+            with m.If(axim.rd_data.valid):
+                m.d.sync += [w.eq(v) for w, v in zip(pf_buf, shifted_in(axim.rd_data.payload))]
+                m.d.sync += f_cnt.eq(Mux(f_last, 0, f_cnt + 1))
+                with m.If(axim.rd_err):
+                    m.d.sync += f_err.eq(1)
+                with m.If(pf_wait & f_last):
+                    m.d.sync += pf_state.eq(2)
+        for cond, s in consumers:
+            with m.Elif(cond & busy & own):
                 m.d.comb += [s.valid.eq(axim.rd_data.valid), s.payload.eq(axim.rd_data.payload),
                              axim.rd_data.ready.eq(s.ready)]
+                with m.If(axim.rd_data.valid & s.ready):
+                    m.d.sync += cur_left.eq(cur_left - 1)
+                    with m.If(axim.rd_err):
+                        m.d.sync += d_err.eq(1)
         with m.Elif(~busy):
             m.d.comb += axim.rd_data.ready.eq(1)     # drain beats of an aborted transfer
         m.d.comb += [axim.wr_data.valid.eq(store.d.valid & is_op[Op.STORE]),
@@ -423,7 +468,7 @@ class Accelerator(wiring.Component):
 
         def fail(code):
             m.d.sync += [err_code.eq(code), err_pc.eq(pc), error.eq(1), busy.eq(0), in_loop.eq(0),
-                         pf_state.eq(0)]
+                         pf_state.eq(0), f_cnt.eq(0), cur_left.eq(0), early.eq(0), f_err.eq(0), d_err.eq(0)]
             m.next = "IDLE"
 
         # next active expert above `expert` (priority encoder over the metaqueue)
@@ -441,6 +486,29 @@ class Accelerator(wiring.Component):
         first_found, first = next_active(None)
         stored_done = Signal()
 
+        # the prefetched instruction under the loop state it will run with: when DECODE will take
+        # it and it is a LINEAR or LAYERNORM, its data is requested early (EXEC below)
+        at_loop_end = Signal()
+        m.d.comb += at_loop_end.eq(in_loop & (pc == loop_end))
+        nx_expert = Mux(at_loop_end & ex_found, ex_next, expert)
+        nx_checks = decode_checks(pf_buf, in_loop & ~(at_loop_end & ~ex_found), gate_ok | is_op[Op.GATE])
+        nx_op, nx_flags = _field(pf_buf, "op"), _field(pf_buf, "flags")
+        nx_lin, nx_ln = nx_op == int(Op.LINEAR), nx_op == int(Op.LAYERNORM)
+        nx_sel, nx_index = _field(pf_buf, "base"), _field(pf_buf, "index")
+        nx_idx = Mux(nx_index == 1, task, Mux(nx_index == 2, nx_expert, 0))
+        nx_base = Mux(nx_sel == 0, bases[1], Mux(nx_sel == 1, bases[2], bases[3]))
+        lg = (p.G - 1).bit_length()
+        nx_kc = (_field(pf_buf, "k") + (p.G - 1)) >> lg
+        nx_nc = (_field(pf_buf, "n") + (p.G - 1)) >> lg
+        nx_hdr = 1 if layout.channel else nx_flags[0]
+        nx_addr, nx_beats = Signal(AB), Signal(24)
+        nx_ok, nx_valid = Signal(), Signal()       # registered from pf_buf (valid: it was complete)
+        m.d.sync += [nx_addr.eq(nx_base + _field(pf_buf, "addr") + nx_idx * _field(pf_buf, "stride")),
+                     nx_beats.eq(Mux(nx_lin, nx_nc * (nx_kc * layout.tile_beats + Mux(nx_hdr, layout.bias_beats, 0)),
+                                     ln_beats)),
+                     nx_ok.eq(~Cat(*nx_checks).any() & (nx_lin | nx_ln) & ~f_err & (retired < MAX_INSTRUCTIONS)),
+                     nx_valid.eq(pf_state == 2)]
+
         with m.FSM(name="ctrl"):
             with m.State("IDLE"):
                 with m.If(start_req & axim.rd_idle & axim.wr_idle):
@@ -448,23 +516,24 @@ class Accelerator(wiring.Component):
                     m.d.sync += [busy.eq(1), done.eq(0), error.eq(0), err_code.eq(0), err_pc.eq(0),
                                  pc.eq(0), cycles.eq(0), rbytes.eq(0), wbytes.eq(0), sat.eq(0),
                                  retired.eq(0), in_loop.eq(0), gate_ok.eq(0), start_req.eq(0),
-                                 pf_state.eq(0)]
+                                 pf_state.eq(0), f_cnt.eq(0), cur_left.eq(0), early.eq(0),
+                                 f_err.eq(0), d_err.eq(0)]
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + pc * INSTR_BYTES),
-                             rd_cmd_beats.eq(1)]
+                             rd_cmd_beats.eq(IB), f_err.eq(0)]
                 m.next = "FETCH_WAIT"
             with m.State("FETCH_WAIT"):
                 m.d.comb += fetching.eq(1)
-                with m.If(axim.error):
-                    fail(ERR_ADDRESS)
-                with m.Elif(axim.rd_data.valid):
-                    m.d.sync += [w.eq(axim.rd_data.payload[32 * i:32 * (i + 1)]) for i, w in enumerate(ins)]
+                with m.If(axim.rd_data.valid & f_last):
+                    m.d.sync += [w.eq(v) for w, v in zip(ins, shifted_in(axim.rd_data.payload))]
                     m.next = "DECODE"
             with m.State("DECODE"):
                 # op_addr / sizes are registered from the instruction in this cycle
                 with m.If(retired >= MAX_INSTRUCTIONS):
                     fail(ERR_RUNAWAY)
+                with m.Elif(f_err):                    # the fetch itself failed (no instruction)
+                    fail(ERR_ADDRESS)
                 with m.Elif(illegal):
                     fail(ERR_ILLEGAL)
                 with m.Elif(bad_loop):
@@ -495,29 +564,37 @@ class Accelerator(wiring.Component):
                             m.d.comb += s.eq(1)
                     with m.If(is_op[Op.LOAD_ROWS] & (move_beats != 0)):
                         m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(move_beats)]
-                    with m.If(is_op[Op.LAYERNORM]):
+                    with m.If(is_op[Op.LAYERNORM] & ~early):
                         m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(ln_beats)]
-                    with m.If(is_op[Op.LINEAR]):
+                    with m.If(is_op[Op.LINEAR] & ~early):
                         m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(lin_beats)]
+                    m.d.sync += [cur_left.eq(Mux(is_op[Op.LOAD_ROWS], move_beats, Mux(is_op[Op.LAYERNORM], ln_beats,
+                                                                               Mux(is_op[Op.LINEAR], lin_beats, 0)))),
+                                 early.eq(0), d_err.eq(0)]
                     with m.If(is_op[Op.STORE] & (move_beats != 0)):
                         m.d.sync += wr_cmd_valid.eq(1)
                     m.d.sync += stored_done.eq(0)
                     m.next = "EXEC"
             with m.State("EXEC"):
                 # the pc after this instruction: back to the loop start while experts remain
-                at_loop_end = in_loop & (pc == loop_end)
                 npc = Mux(at_loop_end & ex_found, loop_start, pc + 1)
                 finishing = (engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle & ~rd_cmd_valid
                 m.d.comb += pf_wait.eq(pf_state == 1)
-                # every read of this instruction has arrived: the port is free for the next fetch
-                # (not in the retire cycle itself: FETCH would then see two beats)
-                with m.If((pf_state == 0) & ~is_op[Op.STORE] & ~rd_cmd_valid & axim.rd_idle
+                # the next instruction is requested as soon as this one's reads are (its beats
+                # follow them); not in the retire cycle itself (FETCH would then see two)
+                with m.If((pf_state == 0) & ~is_op[Op.STORE] & ~rd_cmd_valid & ~early
                           & ~axim.error & ~finishing):
                     m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + npc * INSTR_BYTES),
-                                 rd_cmd_beats.eq(1), pf_state.eq(1)]
+                                 rd_cmd_beats.eq(IB), pf_state.eq(1), f_err.eq(0)]
+                # then its data, behind them (not after LOAD_ROWS or GATE, which may still fail)
+                with m.Elif(nx_valid & (pf_state == 2) & nx_ok & ~nx_addr[:beat_lg].any() & ~early
+                            & ~rd_cmd_valid & ~is_op[Op.LOAD_ROWS] & ~is_op[Op.GATE] & ~finishing
+                            & ~d_err & ~axim.error):
+                    m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(nx_addr), rd_cmd_beats.eq(nx_beats),
+                                 early.eq(1)]
                 with m.If(engine_done):
                     m.d.sync += stored_done.eq(1)
-                with m.If(axim.error & (pf_state == 0)):
+                with m.If(d_err | (is_op[Op.STORE] & axim.error)):
                     fail(ERR_ADDRESS)
                 with m.Elif(finishing):
                     with m.If(is_op[Op.LOAD_ROWS] & load.bad):
@@ -540,9 +617,8 @@ class Accelerator(wiring.Component):
                         with m.If(pf_state == 2):
                             m.d.sync += [w.eq(b) for w, b in zip(ins, pf_buf)]
                             m.next = "DECODE"
-                        with m.Elif((pf_state == 1) & axim.rd_data.valid):     # arriving now
-                            m.d.sync += [w.eq(axim.rd_data.payload[32 * i:32 * (i + 1)])
-                                         for i, w in enumerate(ins)]
+                        with m.Elif((pf_state == 1) & ~own & axim.rd_data.valid & f_last):  # arriving now
+                            m.d.sync += [w.eq(v) for w, v in zip(ins, shifted_in(axim.rd_data.payload))]
                             m.next = "DECODE"
                         with m.Elif(pf_state == 1):
                             m.next = "FETCH_WAIT"

@@ -25,6 +25,8 @@ AxiMaster(addr_bits, data_bits, max_burst=256, max_outstanding=8): turns command
     command, which carries that command's last_strb. Likewise a direct view of the W channel
     (wvalid = wr_data.valid & burst known, wr_data.ready = wready & burst known). AW and W are
     independent: W beats may go out before their AW is accepted (and vice versa).
+  * rd_err: the beat on rd_data carries an rresp other than OKAY (a direct view, like rd_data:
+    the user attributes the error to whoever takes that beat).
   * rd_idle / wr_idle: no command being split and every issued burst finished (last R beat /
     B response received). They fall the cycle after a command handshake with beats > 0.
   * error: sticky, set by any rresp/bresp other than OKAY; `clear` resets it (and wins over a
@@ -146,7 +148,7 @@ class AxiMaster(wiring.Component):
             "rd_data": Out(stream.Signature(data_bits)),
             "wr_cmd": In(stream.Signature(wr_cmd_layout(addr_bits, data_bits))),
             "wr_data": In(stream.Signature(data_bits)),
-            "rd_idle": Out(1), "wr_idle": Out(1),
+            "rd_idle": Out(1), "wr_idle": Out(1), "rd_err": Out(1),
             "error": Out(1), "clear": In(1),
         })
 
@@ -170,6 +172,7 @@ class AxiMaster(wiring.Component):
             rs.take.eq((~bus.arvalid | bus.arready) & rs.busy & (rd_out < self.max_outstanding)),
             self.rd_data.valid.eq(bus.rvalid),
             self.rd_data.payload.eq(bus.rdata),
+            self.rd_err.eq(bus.rresp != RESP_OKAY),
             bus.rready.eq(self.rd_data.ready),
             r_done.eq(bus.rvalid & bus.rready & bus.rlast),
         ]

@@ -9,6 +9,9 @@ def add_arguments(p):
                                               "zcu102-16x16 otherwise)")
     p.add_argument("--act-buffer-tokens", type=int, default=None,
                    help="override HWConfig.act_buffer_tokens (smaller buffers build faster)")
+    p.add_argument("--axi-data-bits", type=int, default=None,
+                   help="override HWConfig.axi_data_bits: the AXI4 port width, 32..256 (e.g. 128 for "
+                        "a ZCU102 HP port without width conversion; the program is laid out for it)")
     p.add_argument("--task", default="all", help="task name(s), comma separated, or 'all'")
     p.add_argument("--weights", nargs="+", default=None, metavar="KIND",
                    help="as `edgemoe compile --weights` (default: checkpoints/tiny.pt for tiny, "
@@ -62,6 +65,8 @@ def run(args) -> int:
         hw = get_hw_preset(args.hw or ("small-8x8" if args.preset == "tiny" else "zcu102-16x16"))
         if args.act_buffer_tokens:
             hw = hw.replace(act_buffer_tokens=args.act_buffer_tokens)
+        if args.axi_data_bits is not None:
+            hw = hw.replace(axi_data_bits=args.axi_data_bits)
         tasks = list(cfg.tasks) if args.task == "all" else args.task.split(",")
         for t in tasks:
             cfg.task_index(t)

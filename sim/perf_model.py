@@ -12,19 +12,25 @@ Clock and DRAM
   beat rate r = min(1, dram_gbps * 1e9 / (axi_data_bits / 8 * clock_hz)) beats per cycle: the
   AXI port takes at most one beat per cycle; a slower DRAM stretches every transfer by 1/r.
   A DRAM read of b beats costs dram_latency_cycles + ceil(b / r) cycles (first-beat latency
-  once per transfer: a new instruction's stream is not requested before the instruction
-  starts). DRAM bytes per instruction are quant.compiler.dram_traffic's (same routing).
-Instruction fetch (every executed instruction, loop bodies once per active expert)
-  F = dram_latency_cycles + ceil(1 / r) (one 32-byte instruction = one beat of a 256-bit port; a
-  narrower port needs 32 / (axi_data_bits / 8) beats) + PerfAssumptions.decode_cycles when the
-  controller fetches it in FETCH: the first instruction, the one after an EXPERT_LOOP, END after
-  STORE. Every other instruction is prefetched while its predecessor (in execution order: a
-  loop body expert by expert) runs, from the moment that one's own DRAM reads have ended:
-  cost o + max(0, F - o - hide - prefetch_slack) with o = PerfAssumptions.prefetched_decode_cycles
-  and hide = the predecessor's cycles after its last read beat: LINEAR the schedule's
-  tail after the final weight tile, LOAD_ROWS MOVE_OVERHEAD, LAYERNORM everything after its
-  parameter beats, ATTENTION and GATE their whole run (no reads). PerfAssumptions.prefetch =
-  False models a controller without prefetch (every instruction pays F).
+  once per transfer). DRAM bytes per instruction are quant.compiler.dram_traffic's (same routing).
+Instruction fetch and early data (every executed instruction, loop bodies once per active expert,
+in execution order: a loop body expert by expert)
+  F = dram_latency_cycles + ceil(IB / r) (one 32-byte instruction = IB = 32 / (axi_data_bits / 8)
+  beats) + PerfAssumptions.decode_cycles when the controller fetches it in FETCH: the first
+  instruction, the one after an EXPERT_LOOP, END after STORE. Every other instruction is
+  requested right behind its predecessor's own reads (or as it starts), so its beats arrive
+  gap = max(-hide, L - run) + ceil(IB / r) + fetch_gap cycles after the predecessor retires
+  (hide: the predecessor's cycles after its last read beat; run: its cycles; L =
+  dram_latency_cycles): it costs early_decode_cycles + max(0, gap). When the instruction is in
+  before that retire (gap <= 0) and is a LINEAR or LAYERNORM after anything but LOAD_ROWS, GATE,
+  STORE or control, its data is requested behind it: its first-beat latency L shrinks to
+  min(L, max(0, gap + L + data_gap)) (fully hidden behind a tail of L or more).
+  hide per type: LINEAR the schedule's tail after the final weight tile, LOAD_ROWS
+  MOVE_OVERHEAD, LAYERNORM everything after its parameter beats, ATTENTION and GATE their whole
+  run (no reads). PerfAssumptions(early_data=False) models the controller that prefetched only the
+  instruction, after its predecessor's reads had ended: o + max(0, F - o - hide - prefetch_slack)
+  with o = prefetched_decode_cycles; prefetch=False one without prefetch (every instruction
+  pays F).
 Validated against the RTL top (hw/accel.py, sim/rtl_sim.py, `edgemoe simulate`): the terms below
 are the engines' start-to-done cycles as their docstrings and tests pin them.
 LOAD_ROWS / STORE (hw/move_op.py): one buffer word per cycle (two with ADD) and beats at the
@@ -78,6 +84,12 @@ CYCLE_TYPES = ("embed", "patch_embed", "layernorm", "qkv", "qk", "av", "proj", "
                "mlp_fc2", "router", "gate", "expert_fc1", "expert_fc2", "store", "control")
 
 
+# early_data: the instructions whose data the controller requests before they start, and those
+# after which it does not (LOAD_ROWS and GATE may still fail; STORE and control do not prefetch)
+EARLY_TYPES = ("patch_embed", "layernorm", "qkv", "proj", "mlp_fc1", "mlp_fc2", "router",
+               "expert_fc1", "expert_fc2")
+NO_EARLY_AFTER = ("embed", "gate", "store", "control")
+
 MOVE_OVERHEAD = 5     # LOAD_ROWS / STORE: AXI command register, engine pipeline, done (RTL)
 
 
@@ -93,8 +105,13 @@ class PerfAssumptions:
                                     # register, the R beat, DECODE, ISSUE, the done cycle)
     prefetch: bool = True           # hw/accel.py prefetches the next instruction during EXEC
     prefetched_decode_cycles: int = 4   # retire -> the next EXEC when its beat is already in
-    prefetch_slack: int = 2         # cycles of a predecessor's tail beyond the model's own
-                                    # (the AXI master's AR register and rd_idle: measured)
+    prefetch_slack: int = 2         # prefetch=True, early_data=False: cycles of a predecessor's
+                                    # tail beyond the model's own (AR register, rd_idle: measured)
+    early_data: bool = True         # hw/accel.py requests the prefetched instruction behind the
+                                    # running one's reads and a LINEAR / LAYERNORM's data behind it
+    early_decode_cycles: int = 2    # early_data: retire -> the next EXEC when its beats are in
+    fetch_gap: int = 0              # early_data: instruction beat -> retire slack (measured)
+    data_gap: int = 1               # early_data: data request behind the instruction beat (measured)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -472,16 +489,35 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
             cur_queues = queues[_block(name)]
             body_left = ins.arg
 
-    # 2. charge each execution its fetch, given what its predecessor hid
-    prev_hide = None
+    # 2. charge each execution its fetch (and, early_data, its first-beat latency), given what
+    #    its predecessor hid
+    from edgemoe.quant.program import INSTR_BYTES
+    L = hwcfg.dram_latency_cycles
+    ins_beats = stretch(-(-INSTR_BYTES // B), rate)
+    prev = None          # (hide, run, lets the next one's data go early) of the predecessor
     for rws, hide in execs_in_order:
-        f_dram, f_over = fetch_cycles(hwcfg, assume, prev_hide)
+        first_type = rws[0][1]
+        early_ok = first_type in EARLY_TYPES
+        saved = 0
+        if not (assume.prefetch and assume.early_data) or prev is None or prev[0] is None:
+            f_dram, f_over = fetch_cycles(hwcfg, assume, None if prev is None else prev[0])
+        else:
+            # the instruction beat arrives `gap` cycles after the predecessor's retire (<= 0:
+            # before it): behind the predecessor's reads, or L after it started
+            p_hide, p_run, p_allows = prev
+            gap = max(-p_hide, L - p_run) + ins_beats + assume.fetch_gap
+            f_dram, f_over = max(0, gap), assume.early_decode_cycles
+            if early_ok and p_allows and gap <= 0:
+                saved = L - min(L, max(0, gap + L + assume.data_gap))
+        run = 0
         for j, (name, type_, pc, split, kw) in enumerate(rws):
             if j == 0:
-                split = {"cycles": split["cycles"] + f_dram + f_over, "compute": split["compute"],
-                         "dram_wait": split["dram_wait"] + f_dram, "overhead": split["overhead"] + f_over}
+                split = {"cycles": split["cycles"] + f_dram + f_over - saved, "compute": split["compute"],
+                         "dram_wait": split["dram_wait"] + f_dram - saved, "overhead": split["overhead"] + f_over}
+                run -= f_dram + f_over
             row(name, type_, pc, split, **kw)
-        prev_hide = hide
+            run += split["cycles"]
+        prev = (hide, run, first_type not in NO_EARLY_AFTER)
 
     return _summarise(cfg, qcfg, hwcfg, rows_out, traffic, routing_source or "given routing",
                       assume, rate)

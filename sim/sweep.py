@@ -22,7 +22,7 @@ OBJECTIVES = ("ms", "dsp", "j_per_image")
 # registered unit -> resource-model entry it replaces when synthesised (--synth); the attention
 # engine holds its SoftmaxStats / SoftmaxNorm (sim.resources zeroes those entries then)
 SYNTH_UNITS = {"compute": "mac_array", "attention": "attention_qk", "layernorm": "layernorm", "gate": "gate"}
-# what hw/accel.py can build: square tiles (t_in = t_out = lanes), a 256-bit AXI port
+# what hw/accel.py can build: square tiles (t_in = t_out = lanes), an AXI port of 32..256 bits
 DEFAULT_GRID = {"tiles": ["8x8", "16x16", "32x32"], "attn_p": [2, 4, 8],
                 "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256]}
 

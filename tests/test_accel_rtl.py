@@ -11,12 +11,14 @@ from edgemoe.quant.config import get_quant_preset
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, seed=0):
+def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, seed=0, axi_bits=None):
     from edgemoe.quant.compiler import compile_program, synthetic_state_dict
     from edgemoe.quant.qweights import quantize_weights
     cfg = get_preset("tiny")
     q = get_quant_preset(quant)
     h = get_hw_preset(hw).replace(act_buffer_tokens=tokens)
+    if axi_bits is not None:
+        h = h.replace(axi_data_bits=axi_bits)
     prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, seed)))
     path = prog.save(tmp_path / "prog")
     return cfg, q, h, prog, path
@@ -64,20 +66,23 @@ def _interpreter_error(prog, pc, words, image):
     return 0, None
 
 
-def test_accel_errors_match_interpreter(tmp_path):
+@pytest.mark.parametrize("axi_bits", [256, 64])
+def test_accel_errors_match_interpreter(tmp_path, axi_bits):
     """Corrupted programs stop the RTL with the executor's ERROR_CODE and ERROR_PC, and the
-    accelerator runs a clean program bit-exact right after (START resets every unit)."""
-    from edgemoe.hw.accel import Accelerator
+    accelerator runs a clean program bit-exact right after (START resets every unit). At 64
+    bits an instruction is 4 beats of the port: fetch, prefetch and a mid-stream SLVERR with
+    instructions that span beats."""
+    from conftest import cached_accel_verilog
     from edgemoe.quant.program import ERR_ADDRESS, ERR_BUFFER, ERR_ILLEGAL, ERR_LOOP, Op
     from edgemoe.sim.runner import run_cocotb
-    cfg, q, h, prog, path = tiny_program(tmp_path)
+    cfg, q, h, prog, path = tiny_program(tmp_path, axi_bits=axi_bits)
     names = prog.names
     pc_of = {n: i for i, n in enumerate(names)}
     cases = [
         (0, _patched_words(prog, 0, op=0x3F), ERR_ILLEGAL),                       # bad opcode
         (1, _patched_words(prog, 1, op=int(Op.EXPERT_LOOP), flags=0, dst=0, addr=0, rows=0,
                            row_off=0, k=0, arg=2), ERR_LOOP),                      # loop before GATE
-        (2, _patched_words(prog, 2, addr=prog.instrs[2].addr + 8), ERR_ADDRESS),   # unaligned
+        (2, _patched_words(prog, 2, addr=prog.instrs[2].addr + 4), ERR_ADDRESS),   # unaligned
         (pc_of["blocks.0.norm1"], _patched_words(prog, pc_of["blocks.0.norm1"], rows=h.act_buffer_tokens + 1),
          ERR_BUFFER),
         (pc_of["blocks.0.qkv"], _patched_words(prog, pc_of["blocks.0.qkv"], flags=prog.instrs[pc_of["blocks.0.qkv"]].flags | 64),
@@ -92,7 +97,7 @@ def test_accel_errors_match_interpreter(tmp_path):
     image = rng.normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
     expected = [_interpreter_error(prog, pc, w, image) for pc, w, _ in cases]
     assert [e[0] for e in expected] == [c for _, _, c in cases]       # the cases test what they say
-    res = run_cocotb(Accelerator(cfg, q, h), "edgemoe_accel", "edgemoe.sim.tb_accel",
+    res = run_cocotb(cached_accel_verilog(cfg, q, h), "edgemoe_accel", "edgemoe.sim.tb_accel",
                      tb_config={"program": str(path), "tasks": [cfg.tasks[0]],
                                 "errors": [{"pc": pc, "words": w} for pc, w, _ in cases]}, timeout_s=1200)
     got = [(e["code"], e["error_pc"]) for e in res["errors"]]

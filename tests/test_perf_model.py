@@ -46,33 +46,41 @@ def test_generalised_schedule_equals_sim_perf(q, hw):
 
 
 def test_linear_rows_consistent_with_sim_perf(tiny):
-    """Every LINEAR execution = sim.perf.linear_cycles + its fetch + one DRAM first-beat latency:
-    without prefetch the full fetch; with it (the default) the fetch of whatever the predecessor
-    in execution order left visible."""
+    """Every LINEAR execution = sim.perf.linear_cycles + its fetch + its DRAM first-beat
+    latency: without prefetch the full fetch and latency; with instruction prefetch only
+    (early_data=False) the full latency and the fetch the predecessor in execution order left
+    visible; with early data (the default) also only the latency the predecessor left visible."""
     cfg = get_preset("tiny")
     prog = pm.program_skeleton(cfg, FIXED, HW16)
+    L = HW16.dram_latency_cycles
     f_dram, f_over = pm.fetch_cycles(HW16, pm.PerfAssumptions(prefetch=False))
-    assert (f_dram, f_over) == (HW16.dram_latency_cycles + 1, pm.PerfAssumptions().decode_cycles)
+    assert (f_dram, f_over) == (L + 1, pm.PerfAssumptions().decode_cycles)
     nopf = pm.inference_cycles(cfg, FIXED, HW16, assumptions=pm.PerfAssumptions(prefetch=False))
-    seen = set()
-    for rows in (nopf["layers"], tiny["layers"]):
+    insonly = pm.inference_cycles(cfg, FIXED, HW16, assumptions=pm.PerfAssumptions(early_data=False))
+    a = pm.PerfAssumptions()
+    seen = {"ins": set(), "early": set()}
+    for rows, kind in ((nopf["layers"], "none"), (insonly["layers"], "ins"), (tiny["layers"], "early")):
         lin = [r for r in rows if r["k"] is not None]
         assert len(lin) > 10
         for r in lin:
             mode = pm._mode_of(prog.instrs[r["pc"]])
-            want = linear_cycles(r["rows"], r["k"], r["n"], HW16, FIXED, mode) + HW16.dram_latency_cycles
-            if rows is nopf["layers"]:
-                assert r["cycles"] == want + f_dram + f_over, r["name"]
+            extra = r["cycles"] - linear_cycles(r["rows"], r["k"], r["n"], HW16, FIXED, mode)
+            if kind == "none":
+                assert extra == L + f_dram + f_over, r["name"]
+            elif kind == "ins":
+                assert a.prefetched_decode_cycles <= extra - L <= f_dram + f_over, r["name"]
+                seen[kind].add(extra - L)
             else:
-                fetch = r["cycles"] - want
-                assert pm.PerfAssumptions().prefetched_decode_cycles <= fetch <= f_dram + f_over, r["name"]
-                seen.add(fetch)
+                assert a.early_decode_cycles <= extra <= L + f_dram + f_over, r["name"]
+                seen[kind].add(extra)
     # after a LAYERNORM (long tail) the fetch is hidden; after EXPERT_LOOP it is not
-    assert pm.PerfAssumptions().prefetched_decode_cycles in seen and f_dram + f_over in seen
+    assert {a.prefetched_decode_cycles, f_dram + f_over} <= seen["ins"]
+    # early data: after ATTENTION (no reads) fetch and latency are hidden; after EXPERT_LOOP not
+    assert {a.early_decode_cycles, L + f_dram + f_over} <= seen["early"]
     order = [(r["name"], r["expert"]) for r in tiny["layers"]]
     i = order.index(("blocks.1.mlp.expert_fc1", 0))
     assert order[i + 1] == ("blocks.1.mlp.expert_fc2", 0)       # execution order: expert by expert
-    assert tiny["totals"]["cycles"] < nopf["totals"]["cycles"]
+    assert tiny["totals"]["cycles"] < insonly["totals"]["cycles"] < nopf["totals"]["cycles"]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "edge-moe"])
