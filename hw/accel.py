@@ -272,8 +272,7 @@ class Accelerator(wiring.Component):
                          lin.queue.token.eq(qr.data[:p.row_bits]), lin.queue.weight.eq(qr.data[p.row_bits:])]
 
         # --- decode -----------------------------------------------------------------------------
-        flags, base_sel, index = _field(ins, "flags"), _field(ins, "base"), _field(ins, "index")
-        addr_f, stride = _field(ins, "addr"), _field(ins, "stride")
+        flags = _field(ins, "flags")
         rows, row_off, k, n, arg = (_field(ins, f) for f in ("rows", "row_off", "k", "n", "arg"))
         n_buf = 4 if self.moe else 3
         wid = {int(Buf[b]): p.wpr[b] * p.G for b in BUFS if b in p.wpr}
@@ -341,22 +340,30 @@ class Accelerator(wiring.Component):
         m.d.comb += [s.eq(v) for s, v in zip((illegal, bad_loop, illegal_op, bad_buffer),
                                               decode_checks(ins, in_loop, gate_ok))]
 
-        # address of the instruction's memory operand
-        idx_val = Mux(index == 1, task, Mux(index == 2, expert, 0))
-        base_val = Mux(base_sel == 0, bases[1], Mux(base_sel == 1, bases[2], bases[3]))
+        # address of the memory operand of instruction words ws, run for expert expert_v
+        def operand_addr(ws, expert_v):
+            sel, ix = _field(ws, "base"), _field(ws, "index")
+            idx_v = Mux(ix == 1, task, Mux(ix == 2, expert_v, 0))
+            base_v = Mux(sel == 0, bases[1], Mux(sel == 1, bases[2], bases[3]))
+            return base_v + _field(ws, "addr") + idx_v * _field(ws, "stride")
+
         op_addr = Signal(AB)
-        m.d.sync += op_addr.eq(base_val + addr_f + idx_val * stride)
+        m.d.sync += op_addr.eq(operand_addr(ins, expert))
         uses_mem = is_op[Op.LOAD_ROWS] | is_op[Op.LAYERNORM] | is_op[Op.LINEAR] | is_op[Op.STORE]
 
         # transfer sizes
         cb = p.act_cb
-        kc = Signal(16)
-        nc = Signal(16)
-        m.d.comb += [kc.eq((k + (p.G - 1)) >> (p.G - 1).bit_length()),
-                     nc.eq((n + (p.G - 1)) >> (p.G - 1).bit_length())]
+
+        def linear_beats(ws):
+            """Weight-stream beats of LINEAR words ws: per column of G outputs, its header (bias
+            flag, or always with channel multipliers) and one tile per chunk of G inputs."""
+            lg = (p.G - 1).bit_length()
+            kc_v, nc_v = (_field(ws, "k") + (p.G - 1)) >> lg, (_field(ws, "n") + (p.G - 1)) >> lg
+            hdr = 1 if layout.channel else _field(ws, "flags")[0]
+            return nc_v * (kc_v * layout.tile_beats + Mux(hdr, layout.bias_beats, 0))
+
         lin_beats = Signal(24)
-        hdr = 1 if layout.channel else flags[0]    # column headers: bias flag, or always (channel)
-        m.d.sync += lin_beats.eq(nc * (kc * layout.tile_beats + Mux(hdr, layout.bias_beats, 0)))
+        m.d.sync += lin_beats.eq(linear_beats(ins))
         vals = Signal(32)
         m.d.sync += vals.eq(rows * k)
         move_bytes = vals * cb
@@ -492,20 +499,12 @@ class Accelerator(wiring.Component):
         m.d.comb += at_loop_end.eq(in_loop & (pc == loop_end))
         nx_expert = Mux(at_loop_end & ex_found, ex_next, expert)
         nx_checks = decode_checks(pf_buf, in_loop & ~(at_loop_end & ~ex_found), gate_ok | is_op[Op.GATE])
-        nx_op, nx_flags = _field(pf_buf, "op"), _field(pf_buf, "flags")
+        nx_op = _field(pf_buf, "op")
         nx_lin, nx_ln = nx_op == int(Op.LINEAR), nx_op == int(Op.LAYERNORM)
-        nx_sel, nx_index = _field(pf_buf, "base"), _field(pf_buf, "index")
-        nx_idx = Mux(nx_index == 1, task, Mux(nx_index == 2, nx_expert, 0))
-        nx_base = Mux(nx_sel == 0, bases[1], Mux(nx_sel == 1, bases[2], bases[3]))
-        lg = (p.G - 1).bit_length()
-        nx_kc = (_field(pf_buf, "k") + (p.G - 1)) >> lg
-        nx_nc = (_field(pf_buf, "n") + (p.G - 1)) >> lg
-        nx_hdr = 1 if layout.channel else nx_flags[0]
         nx_addr, nx_beats = Signal(AB), Signal(24)
         nx_ok, nx_valid = Signal(), Signal()       # registered from pf_buf (valid: it was complete)
-        m.d.sync += [nx_addr.eq(nx_base + _field(pf_buf, "addr") + nx_idx * _field(pf_buf, "stride")),
-                     nx_beats.eq(Mux(nx_lin, nx_nc * (nx_kc * layout.tile_beats + Mux(nx_hdr, layout.bias_beats, 0)),
-                                     ln_beats)),
+        m.d.sync += [nx_addr.eq(operand_addr(pf_buf, nx_expert)),
+                     nx_beats.eq(Mux(nx_lin, linear_beats(pf_buf), ln_beats)),
                      nx_ok.eq(~Cat(*nx_checks).any() & (nx_lin | nx_ln) & ~f_err & (retired < MAX_INSTRUCTIONS)),
                      nx_valid.eq(pf_state == 2)]
 

@@ -53,9 +53,6 @@ def run(args) -> int:
     from edgemoe.hw.accel import check_buildable
     from edgemoe.model.images import load_image
     try:
-        if args.fast:
-            from edgemoe.sim.fast_sim import check_options
-            check_options(args.simulator)             # FastSimOptionError is a ValueError
         if args.latency is not None and args.latency < 0:
             raise ValueError(f"--latency {args.latency} must be >= 0 cycles")
         if args.beats_per_cycle is not None and not 0 < args.beats_per_cycle <= 1:
@@ -67,6 +64,9 @@ def run(args) -> int:
             hw = hw.replace(act_buffer_tokens=args.act_buffer_tokens)
         if args.axi_data_bits is not None:
             hw = hw.replace(axi_data_bits=args.axi_data_bits)
+        if args.fast:
+            from edgemoe.sim.fast_sim import check_options
+            check_options(args.simulator, hw)         # FastSimOptionError is a ValueError
         tasks = list(cfg.tasks) if args.task == "all" else args.task.split(",")
         for t in tasks:
             cfg.task_index(t)

@@ -63,12 +63,17 @@ class FastSimOptionError(FastSimError, ValueError):
     """An option the fast path does not support (only the cocotb path has it)."""
 
 
-def check_options(simulator: str = "verilator", **cocotb_only) -> None:
+def check_options(simulator: str = "verilator", hwcfg=None, **cocotb_only) -> None:
     """FastSimOptionError for a combination the fast path cannot run: a simulator other than
-    Verilator, or any of the cocotb-only options given (name=value, None / False = not given)."""
+    Verilator, an AXI4 port other than 128 or 256 bits (hwcfg; the harness's wide-port type), or
+    any of the cocotb-only options given (name=value, None / False = not given)."""
     if simulator != "verilator":
         raise FastSimOptionError(f"fast simulation runs on Verilator only, not simulator={simulator!r} "
                                  "(drop --fast to use the cocotb path)")
+    if hwcfg is not None and hwcfg.axi_data_bits not in (128, 256):
+        raise FastSimOptionError(f"HWConfig '{hwcfg.name}': the fast harness takes a 128- or 256-bit "
+                                 f"AXI4 port, not axi_data_bits = {hwcfg.axi_data_bits} (drop --fast to "
+                                 "use the cocotb path)")
     bad = [k for k, v in cocotb_only.items() if v not in (None, False, (), [])]
     if bad:
         raise FastSimOptionError(f"option(s) {', '.join(bad)} exist only on the cocotb path "

@@ -4,8 +4,8 @@ inference_cycles(cfg, qcfg, hwcfg, routing) walks the program the compiler emits
 (quant.compiler.emit_instructions; no weights are needed) and charges every executed
 instruction its cycles; the expert-loop body runs once per ACTIVE expert of the routing, over
 that expert's queue length. Instructions run one after another (the controller starts an
-instruction after the previous one's last output; only the next instruction's fetch overlaps,
-below), so the total is the sum. Every term is below, each in one function, so that the RTL
+instruction after the previous one's last output; only the next instruction's fetch and data
+request overlap, below), so the total is the sum. Every term is below, each in one function, so that the RTL
 validation (target: within 5 %) can point at the term that differs.
 
 Clock and DRAM
@@ -497,7 +497,6 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
     prev = None          # (hide, run, lets the next one's data go early) of the predecessor
     for rws, hide in execs_in_order:
         first_type = rws[0][1]
-        early_ok = first_type in EARLY_TYPES
         saved = 0
         if not (assume.prefetch and assume.early_data) or prev is None or prev[0] is None:
             f_dram, f_over = fetch_cycles(hwcfg, assume, None if prev is None else prev[0])
@@ -507,16 +506,14 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
             p_hide, p_run, p_allows = prev
             gap = max(-p_hide, L - p_run) + ins_beats + assume.fetch_gap
             f_dram, f_over = max(0, gap), assume.early_decode_cycles
-            if early_ok and p_allows and gap <= 0:
+            if first_type in EARLY_TYPES and p_allows and gap <= 0:
                 saved = L - min(L, max(0, gap + L + assume.data_gap))
-        run = 0
         for j, (name, type_, pc, split, kw) in enumerate(rws):
             if j == 0:
                 split = {"cycles": split["cycles"] + f_dram + f_over - saved, "compute": split["compute"],
                          "dram_wait": split["dram_wait"] + f_dram - saved, "overhead": split["overhead"] + f_over}
-                run -= f_dram + f_over
             row(name, type_, pc, split, **kw)
-            run += split["cycles"]
+        run = sum(r[3]["cycles"] for r in rws) - saved       # its own cycles, without the fetch
         prev = (hide, run, first_type not in NO_EARLY_AFTER)
 
     return _summarise(cfg, qcfg, hwcfg, rows_out, traffic, routing_source or "given routing",

@@ -124,7 +124,7 @@ def simulate(program, tasks=None, image=None, out_dir=None, latency_cycles=None,
     cfg, q, hw = program.cfg, program.qcfg, program.hwcfg
     if fast:
         from edgemoe.sim.fast_sim import check_options
-        check_options(simulator)
+        check_options(simulator, hw)
     taps = []
     if intermediates:
         from edgemoe.quant.compiler import debug_program

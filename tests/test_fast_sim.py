@@ -134,6 +134,10 @@ def test_simulate_cli_fast_bad_option(capsys):
     assert main(["simulate", "--preset", "tiny", "--fast", "--simulator", "icarus"]) == 2
     out = capsys.readouterr().out
     assert "edgemoe simulate: error:" in out and "Verilator only" in out
+    # a port the harness has no wide-port type for: named before anything is built
+    assert main(["simulate", "--preset", "tiny", "--fast", "--axi-data-bits", "64"]) == 2
+    out = capsys.readouterr().out
+    assert "edgemoe simulate: error:" in out and "not axi_data_bits = 64" in out
 
 
 def _edge_moe_verilog(q, h):
