@@ -10,6 +10,8 @@ TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
+# the 8-bit-weight design of sim-full-w8: zcu102-w8-32x32, or zcu102-w8-64x16 (64x16 MACs)
+W8_HW ?= zcu102-w8-32x32
 
 .PHONY: venv demo test test-full test-slow sim-full sim-full-fast sim-full-w8 bench clean help
 
@@ -20,7 +22,7 @@ help:
 	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
 	@echo "make sim-full   edge-moe preset, all 12 blocks, both tasks, through the RTL top (cocotb + Verilator)"
 	@echo "make sim-full-fast  the same through the Verilator C++ harness (sim/fast_sim.py, ~1 min after its build)"
-	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, w8a16-channel on zcu102-w8-32x32 (fast path)"
+	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, w8a16-channel on $(W8_HW), fast path (W8_HW=zcu102-w8-64x16: the 64x16 array)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile
@@ -51,7 +53,7 @@ sim-full-fast: $(STAMP)
 	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --fast --out $(OUT)/sim-full-fast
 
 sim-full-w8: $(STAMP)
-	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-w8-32x32 --quant w8a16-channel --fast --out $(OUT)/sim-full-w8
+	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw $(W8_HW) --quant w8a16-channel --fast --out $(OUT)/sim-full-w8
 
 bench: $(STAMP)
 	$(PY) -m edgemoe.sim.bench

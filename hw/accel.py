@@ -2,8 +2,9 @@
 
 A controller fetches the program of quant/program.py (ISA and memory layout in its docstring)
 over the AXI4 master and executes it one instruction at a time on:
-  buffers    X, H, W (and L with MoE blocks): one memory each, words of G lanes (hw/accel_plan.py),
-             one read and one write port; the expert-queue memory (token, gate weight)
+  buffers    X, H, W (and L with MoE blocks): one memory each, words of G = t_in lanes
+             (hw/accel_plan.py), one read and one write port (with a lane-slice write mask when
+             t_out or the LayerNorm lanes are narrower than G); the expert-queue memory
   engines    LoadOp / StoreOp (hw/move_op.py), LinearOp (the compute unit, hw/linear_op.py),
              LayerNormOp, AttentionOp, GateOp (hw/*_op.py): started by the controller, they talk
              to the buffers through the top's three logical ports (RA: the op's source reads,
@@ -213,6 +214,7 @@ class Accelerator(wiring.Component):
         RA = {"en": Signal(), "row": Signal(p.row_bits), "word": Signal(p.word_bits), "data": Signal(p.word_width)}
         RB = {k: Signal.like(v, name=f"rb_{k}") for k, v in RA.items()}
         WA = {k: Signal.like(v, name=f"wa_{k}") for k, v in RA.items()}
+        WA["mask"] = Signal(p.mask_bits, name="wa_mask")
         ins = [Signal(32, name=f"ins{i}") for i in range(8)]
         op, src, dst = _field(ins, "op"), _field(ins, "src"), _field(ins, "dst")
         bufs = {}
@@ -221,15 +223,18 @@ class Accelerator(wiring.Component):
                 continue
             mem = Memory(shape=p.word_width, depth=p.depth(name), init=[])
             m.submodules[f"buf_{name}"] = mem
-            rd, wr = mem.read_port(transparent_for=()), mem.write_port()
+            # a narrower MAC-array output or LayerNorm writes word slices: one enable per slice
+            wr = mem.write_port(granularity=p.wg * p.vb) if p.mask_bits > 1 else mem.write_port()
+            rd = mem.read_port(transparent_for=())
             wpr, bid = p.wpr[name], int(Buf[name])
             with m.If(src == bid):
                 m.d.comb += [rd.addr.eq(RA["row"] * wpr + RA["word"]), rd.en.eq(RA["en"])]
             with m.Else():
                 m.d.comb += [rd.addr.eq(RB["row"] * wpr + RB["word"]), rd.en.eq(RB["en"])]
             with m.If(dst == bid):
-                m.d.comb += [wr.addr.eq(WA["row"] * wpr + WA["word"]), wr.en.eq(WA["en"]),
-                             wr.data.eq(WA["data"])]
+                m.d.comb += [wr.addr.eq(WA["row"] * wpr + WA["word"]), wr.data.eq(WA["data"]),
+                             wr.en.eq(WA["mask"] & WA["en"].replicate(p.mask_bits)
+                                      if p.mask_bits > 1 else WA["en"])]
             bufs[bid] = rd
         with m.Switch(src):
             for bid, rd in bufs.items():
@@ -248,7 +253,7 @@ class Accelerator(wiring.Component):
         def bind_write(port, cond):
             with m.If(cond):
                 m.d.comb += [WA["en"].eq(port.en), WA["row"].eq(port.row), WA["word"].eq(port.word),
-                             WA["data"].eq(port.data)]
+                             WA["data"].eq(port.data), WA["mask"].eq(port.mask)]
 
         is_op = {o: (op == int(o)) for o in Op}
         bind_read(lin.src, RA, is_op[Op.LINEAR])
@@ -355,10 +360,10 @@ class Accelerator(wiring.Component):
         cb = p.act_cb
 
         def linear_beats(ws):
-            """Weight-stream beats of LINEAR words ws: per column of G outputs, its header (bias
+            """Weight-stream beats of LINEAR words ws: per column of To outputs, its header (bias
             flag, or always with channel multipliers) and one tile per chunk of G inputs."""
-            lg = (p.G - 1).bit_length()
-            kc_v, nc_v = (_field(ws, "k") + (p.G - 1)) >> lg, (_field(ws, "n") + (p.G - 1)) >> lg
+            li, lo = (p.G - 1).bit_length(), (p.To - 1).bit_length()
+            kc_v, nc_v = (_field(ws, "k") + (p.G - 1)) >> li, (_field(ws, "n") + (p.To - 1)) >> lo
             hdr = 1 if layout.channel else _field(ws, "flags")[0]
             return nc_v * (kc_v * layout.tile_beats + Mux(hdr, layout.bias_beats, 0))
 

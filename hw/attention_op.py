@@ -179,7 +179,7 @@ class AttentionOp(wiring.Component):
         m.d.comb += [wr.eq((phase == RUN) & eng.o.valid),
                      eng.o.ready.eq(wr & (o_slot == S - 1)),
                      self.dst.en.eq(wr), self.dst.row.eq(op.row),
-                     self.dst.word.eq(op.head * S + o_slot)]
+                     self.dst.word.eq(op.head * S + o_slot), self.dst.mask.eq(p.full_mask())]
         with m.Switch(o_slot):
             for j in range(S):
                 with m.Case(j):

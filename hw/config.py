@@ -28,10 +28,11 @@ PARTS: dict[str, Part] = {
 @dataclass(frozen=True)
 class HWConfig:
     name: str = "zcu102-16x16"
-    t_in: int = 16            # MAC array input lanes (reduction dimension)
-    t_out: int = 16           # MAC array output lanes
+    t_in: int = 16            # MAC array input lanes (reduction dimension; = buffer word lanes)
+    t_out: int = 16           # MAC array output lanes (and the epilogue's: requant, GELU, gate)
     attn_p: int = 4           # attention parallelism: resident query rows
-    lanes: int = 16           # vector lanes of GELU / LayerNorm / softmax-normaliser units
+    lanes: int = 16           # vector lanes of the LayerNorm unit (and of stand-alone GELU /
+                              # requant units); the top takes t_out, lanes = t_in / 2^j
     axi_data_bits: int = 256  # AXI4 master data width
     axi_addr_bits: int = 32
     clock_mhz: float = 300.0
@@ -66,9 +67,15 @@ class HWConfig:
 HW_PRESETS: dict[str, HWConfig] = {
     "zcu102-16x16": HWConfig(),
     "small-8x8": HWConfig(name="small-8x8", t_in=8, t_out=8, attn_p=2, lanes=8),
+    # a non-square small design: results and LayerNorm beats are half-word slices
+    "small-8x4": HWConfig(name="small-8x4", t_in=8, t_out=4, attn_p=2, lanes=4),
     # the 8-bit-weight design (issue 12): 32x32 MACs (1024 per cycle), attention P = 8; built
     # for QuantConfig w8a16-channel (per-channel multipliers in the epilogue)
     "zcu102-w8-32x32": HWConfig(name="zcu102-w8-32x32", t_in=32, t_out=32, attn_p=8, lanes=32),
+    # the same 1024 MACs as 64 inputs x 16 outputs, LayerNorm on 32 lanes (the MAC-array shape,
+    # the vector lanes and the port are separate): half the epilogue lanes, the router's 16
+    # logits in one tile column
+    "zcu102-w8-64x16": HWConfig(name="zcu102-w8-64x16", t_in=64, t_out=16, attn_p=8, lanes=32),
 }
 
 

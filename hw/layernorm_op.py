@@ -1,8 +1,9 @@
 """LayerNormOp: the LAYERNORM opcode (quant/interpreter.py Machine._op_layernorm) on the buffers of
 the accelerator top (hw/accel_plan.py), around the LayerNorm unit (hw/layernorm.py).
 
-The unit is generated for D = cfg.dim and L = G lanes (one buffer word = one unit beat), so the
-top rejects an instruction with k != D; word j of a row is beat j (j < D/G).
+The unit is generated for D = cfg.dim and L = hwcfg.lanes lanes, so the top rejects an
+instruction with k != D; unit beat j of a row (j < D/L) is slice j % (G/L) of buffer word
+j // (G/L) (L = G: one buffer word = one unit beat).
 
 Ports (engine view):
   start In(1), done Out(1), sat Out(8)     engine control of hw/accel_plan.py
@@ -11,28 +12,28 @@ Ports (engine view):
         instruction's address, quant.compiler._ln_sizes(qcfg, D, B)[1] bytes: D ln_gamma codes
         (quant.program containers, little-endian, sign/zero-extended) padded to a whole beat,
         then D ln_beta codes likewise
-  src   BufRead  rows 0..rows-1, words 0..D/G-1
-  dst   BufWrite the same rows and words
-Sequence: gamma beats -> a D/G-word gamma memory (LUTRAM, asynchronous read); beta beats -> one
+  src   BufRead  rows 0..rows-1, words 0..D/G-1 (each once per slice)
+  dst   BufWrite the same rows and words, one L-lane slice per write
+Sequence: gamma beats -> a D/L-word gamma memory (LUTRAM, asynchronous read); beta beats -> one
 unit parameter write per word j (gamma[j] from that memory with beta[j]); then the src words
 are streamed into the unit (one read per cycle, skid-free: the read port holds its data while
 en = 0) and its output beats written to dst (row r word j), one word per cycle. done the cycle
 after the last dst write. The parameters are written before any token enters the unit and only
 while it is idle (the previous op drained it before its done), as the unit requires.
 
-Beats -> words: a beat holds vpb = beat_bytes / container values of a parameter format; one of
-vpb, G must divide the other (else HWConfigError). vpb >= G: a beat gives vpb/G words, one per
-cycle (the beat is held by ready = 0 meanwhile; the last beat's padding words are skipped).
-vpb < G: a word takes G/vpb beats, one beat per cycle. The container's bits above the format
+Beats -> words (of L codes here): a beat holds vpb = beat_bytes / container values of a
+parameter format; one of vpb, L must divide the other (else HWConfigError). vpb >= L: a beat
+gives vpb/L words, one per cycle (the beat is held by ready = 0 meanwhile; the last beat's
+padding words are skipped). vpb < L: a word takes L/vpb beats, one beat per cycle. The container's bits above the format
 are ignored (the code is its low `bits`; for the quant presets the container is exactly the
 format's width, so nothing is dropped). Machine decodes the whole container without a range
 check, so a malformed image (a code outside ln_gamma / ln_beta in a wider container) would
 differ; likewise src lanes are taken as their low act.bits (the buffers hold act codes).
 
 Cycles (start cycle to done cycle, both counted), parameter beats without gaps:
-2*D/G + LayerNorm plan.latency + rows*D/G + 3, i.e. one word per cycle after the parameter load
+2*D/L + LayerNorm plan.latency + rows*D/L + 3, i.e. one unit beat per cycle after the parameter load
 and the unit's pipeline fill (measured, tiny D = 64, edge-moe-fixed, rows = 16: G = 16 131
-cycles (latency 56), G = 8 207 cycles (latency 60)). With vpb < G the parameter load is one
+cycles (latency 56), G = 8 207 cycles (latency 60)). With vpb < L the parameter load is one
 beat per cycle (D/vpb beats per format).
 
 Saturation (sat, per cycle, = Machine's SatCounter total for the op): per output word the
@@ -59,17 +60,17 @@ class LayerNormOp(wiring.Component):
     def __init__(self, cfg, qcfg: QuantConfig, hwcfg: HWConfig):
         self.plan = plan = accel_plan(cfg, qcfg, hwcfg)
         self.cfg, self.q, self.hw = cfg, qcfg, hwcfg
-        self.D, self.G = cfg.dim, plan.G
-        self.words = cfg.dim // plan.G           # unit beats per row
+        self.D, self.G, self.L = cfg.dim, plan.G, plan.L
+        self.words = cfg.dim // plan.L           # unit beats per row (L lanes each)
         self.fmts = {}
         for nm in ("ln_gamma", "ln_beta"):
             f = getattr(qcfg, nm)
             cb = container_bytes(f)
             vpb = plan.beat_bytes // cb
-            if vpb < 1 or (vpb % plan.G and plan.G % vpb):
+            if vpb < 1 or (vpb % plan.L and plan.L % vpb):
                 raise HWConfigError(
                     f"LayerNormOp: QuantConfig '{qcfg.name}'.{nm} ({cb}-byte containers) gives {vpb} "
-                    f"values per {plan.beat_bits}-bit beat and HWConfig '{hwcfg.name}'.t_in = {plan.G}: "
+                    f"values per {plan.beat_bits}-bit beat and HWConfig '{hwcfg.name}'.lanes = {plan.L}: "
                     f"one must divide the other")
             self.fmts[nm] = (f, cb, vpb)
         self.unit = LayerNorm(qcfg, hwcfg, cfg)
@@ -81,13 +82,13 @@ class LayerNormOp(wiring.Component):
             "dst": Out(buf_write_signature(plan)),
         })
 
-    # beats of one parameter format -> words of G codes ------------------------------------------
+    # beats of one parameter format -> words of L codes ------------------------------------------
     def _parser(self, m: Module, active, name: str):
         """Returns (ready, word_valid, codes, j, last): `ready` for the p stream while `active`;
-        word_valid: word j (codes: G values, each the container's low bits) is complete this
+        word_valid: word j (codes: L values, each the container's low bits) is complete this
         cycle (always taken); last: it is the format's last word."""
         f, cb, vpb = self.fmts[name]
-        G, nw, cbits = self.G, self.words, 8 * cb
+        G, nw, cbits = self.L, self.words, 8 * cb     # G: the unit's lanes here
         beat = self.p.payload
         j = Signal(range(nw), name=f"{name}_j")
         last = Signal(name=f"{name}_last")
@@ -133,11 +134,12 @@ class LayerNormOp(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         P, q = self.plan, self.q
-        G, vb, A, nw = P.G, P.vb, q.act.bits, self.words
+        G, L, vb, A, nw = P.G, P.L, P.vb, q.act.bits, self.words
+        sh = (G // L).bit_length() - 1       # unit beat j is slice j % 2^sh of buffer word j >> sh
         m.submodules.unit = u = self.unit
 
         gam_f = self.fmts["ln_gamma"][0]
-        m.submodules.gmem = gmem = Memory(shape=unsigned(G * gam_f.bits), depth=nw, init=[])
+        m.submodules.gmem = gmem = Memory(shape=unsigned(L * gam_f.bits), depth=nw, init=[])
         gw = gmem.write_port()
         gr = gmem.read_port(domain="comb")
 
@@ -157,8 +159,8 @@ class LayerNormOp(wiring.Component):
             m.d.sync += phase.eq(BET)
         gbits = gam_f.bits
         m.d.comb += [u.p.valid.eq(b_valid), u.p.payload.addr.eq(b_j)]
-        m.d.comb += [u.p.payload.gamma[k].eq(gr.data[k * gbits:(k + 1) * gbits]) for k in range(G)]
-        m.d.comb += [u.p.payload.beta[k].eq(b_codes[k]) for k in range(G)]
+        m.d.comb += [u.p.payload.gamma[k].eq(gr.data[k * gbits:(k + 1) * gbits]) for k in range(L)]
+        m.d.comb += [u.p.payload.beta[k].eq(b_codes[k]) for k in range(L)]
 
         # --- src words -> unit ---------------------------------------------------------------
         rd_more = Signal()                   # words left to read
@@ -170,10 +172,16 @@ class LayerNormOp(wiring.Component):
                          rd_row.eq(0), rd_word.eq(0)]
         take = Signal()
         m.d.comb += [u.i.valid.eq(rd_valid), take.eq(u.i.valid & u.i.ready)]
-        m.d.comb += [u.i.payload.data[k].eq(self.src.data[k * vb:k * vb + A]) for k in range(G)]
         en = Signal()
         m.d.comb += [en.eq(rd_more & (~rd_valid | take)),
-                     self.src.en.eq(en), self.src.row.eq(rd_row), self.src.word.eq(rd_word)]
+                     self.src.en.eq(en), self.src.row.eq(rd_row), self.src.word.eq(rd_word >> sh)]
+        rd_sub = 0
+        if sh:
+            # the word is read again for each of its slices; the slot's slice is registered
+            rd_sub = Signal(sh)
+            with m.If(en):
+                m.d.sync += rd_sub.eq(rd_word[:sh])
+        m.d.comb += Value.cast(u.i.payload.data).eq(P.lanes_of(self.src.data, L, rd_sub, A))
         m.d.sync += rd_valid.eq(en | (rd_valid & ~take))
         with m.If(en):
             with m.If(rd_word == nw - 1):
@@ -188,12 +196,13 @@ class LayerNormOp(wiring.Component):
         wr_word = Signal(range(nw))
         o = u.o
         lanes = []
-        for k in range(G):
+        for k in range(L):
             y = Value.cast(o.payload.data[k])
             lanes.append(Cat(y, *([y[A - 1]] * (vb - A))) if vb > A else y)
         m.d.comb += [o.ready.eq(1),
-                     self.dst.en.eq(o.valid), self.dst.row.eq(wr_row), self.dst.word.eq(wr_word),
-                     self.dst.data.eq(Cat(*lanes))]
+                     self.dst.en.eq(o.valid), self.dst.row.eq(wr_row), self.dst.word.eq(wr_word >> sh),
+                     self.dst.data.eq(Cat(*lanes).replicate(G // L)),
+                     self.dst.mask.eq(P.slice_mask(L, wr_word[:sh] if sh else 0))]
         with m.If(o.valid):
             m.d.comb += self.sat.eq(o.payload.sat_count + (o.payload.stat_sat & o.payload.last))
             with m.If(wr_word == nw - 1):

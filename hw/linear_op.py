@@ -11,13 +11,14 @@ Ports (engine view, hw/accel_plan.py conventions):
   rows In(rows_bits)  non-queue modes: the instruction's rows; queue modes (GATHER / SCATTER /
                     GATE): the current expert's queue length (>= 1), from the top
   row_off In(row_bits)  first destination row (non-scatter modes; 0 in queue modes)
-  k, n In(16)       input / output widths in values: kc = ceil(k/G) chunks, nc = ceil(n/G) tiles
+  k, n In(16)       input / output widths in values: kc = ceil(k/G) chunks, nc = ceil(n/To) tiles
   q_base In(qpos_bits)  queue modes: queue position of the expert's first entry
   w In(stream of beat_bits)  the weight stream beats as stored (quant.linear layout), passed
                     straight to the unit's w port
   src Out(BufRead)  input chunks: row r (GATHER: token[r]), word = chunk
-  dst_rd Out(BufRead)   residual slices (RESID): row row_off + r (SCATTER: token[r]), word = tile
-  dst_wr Out(BufWrite)  results: row row_off + r (SCATTER: token[r]), word = tile; y lanes are
+  dst_rd Out(BufRead)   residual slices (RESID): row row_off + r (SCATTER: token[r]), slice = tile
+  dst_wr Out(BufWrite)  results: row row_off + r (SCATTER: token[r]), slice `tile` of To lanes
+                    (word tile // (G/To), under its mask; the whole word when To = G); y lanes are
                     vb = max(act, gate_logit) bits, i.e. exactly the buffer lanes (LOGIT writes
                     gate_logit codes, the others act codes sign-extended to vb)
   queue Out(QueueRead)  entries q_base .. q_base + rows - 1, in order, into the unit's q stream
@@ -32,7 +33,7 @@ same way. y is always accepted and written in its handshake cycle.
 Buffer lanes are vb bits, the unit's x / r lanes act.bits: the low act.bits of each lane are
 taken (the buffer holds act codes there; lanes past k / n are don't-care: the weight stream's
 zero padding makes their x values irrelevant, and a pad residual lane gets y = 0 added, which
-cannot overflow). The writes cover whole words: lanes n .. nc*G - 1 of each written row
+cannot overflow). The writes cover whole slices: lanes n .. nc*To - 1 of each written row
 receive the unit's pad results (0 plain, the old residual value in RESID modes); the buffer
 contract (hw/accel_plan.py) leaves lanes beyond a row's width undefined.
 
@@ -44,7 +45,7 @@ done cycle): the one-cycle buffer reads keep up with the unit, the adapters add 
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, Value, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -80,8 +81,9 @@ class LinearOp(wiring.Component):
         m = Module()
         p, cu = self.plan, self.cu
         m.submodules.cu = cu
-        G, vb, A = p.G, p.vb, self.qcfg.act.bits
+        G, To, A = p.G, p.To, self.qcfg.act.bits
         cb = cu.geom.count_bits
+        so = (G // To).bit_length() - 1      # a To-lane result is slice j % 2^so of word j >> so
 
         def flag(f):
             return self.flags[int(f).bit_length() - 1]
@@ -89,17 +91,17 @@ class LinearOp(wiring.Component):
         gather, scatter, gate = flag(Flag.GATHER), flag(Flag.SCATTER), flag(Flag.GATE)
         queue_mode = gather | scatter | gate
 
-        def ceil_div(v):
-            # G = t_in = t_out; a power of two in every preset, otherwise a constant divider
-            if G & (G - 1) == 0:
-                return (v + (G - 1)) >> (G.bit_length() - 1)
-            return (v + (G - 1)) // G
+        def ceil_div(v, t):
+            # t = t_in or t_out: a power of two in every preset, otherwise a constant divider
+            if t & (t - 1) == 0:
+                return (v + (t - 1)) >> (t.bit_length() - 1)
+            return (v + (t - 1)) // t
 
         # ---- command: one layer, issued in the start cycle (the unit is idle then) ----------
         c = cu.cmd.payload
         m.d.comb += [
             cu.cmd.valid.eq(self.start),
-            c.rows.eq(self.rows), c.kc.eq(ceil_div(self.k)[:cb]), c.nc.eq(ceil_div(self.n)[:cb]),
+            c.rows.eq(self.rows), c.kc.eq(ceil_div(self.k, G)[:cb]), c.nc.eq(ceil_div(self.n, To)[:cb]),
             c.bias.eq(flag(Flag.BIAS)), c.gelu.eq(flag(Flag.GELU)), c.gate.eq(gate),
             c.resid.eq(flag(Flag.RESID)), c.logit.eq(flag(Flag.LOGIT)), c.gather.eq(gather),
             c.scatter.eq(scatter),
@@ -132,20 +134,28 @@ class LinearOp(wiring.Component):
                 m.d.sync += q_run.eq(0)
 
         # ---- buffer readers: request stream -> BufRead -> response stream ----------------------
-        def reader(port, req, resp, row, word):
+        def reader(port, req, resp, row, word, lanes):
+            # word: the request's word index in `lanes`-lane slices; the slot's slice index is
+            # registered with the read (the port holds the whole word)
+            sh = (G // lanes).bit_length() - 1
             v = Signal()
             load = ~v | resp.ready
             take = req.valid & load
             m.d.comb += [req.ready.eq(load), port.en.eq(take), port.row.eq(row),
-                         port.word.eq(word), resp.valid.eq(v),
-                         resp.payload.eq(Cat(port.data[i * vb:i * vb + A] for i in range(G)))]
+                         port.word.eq(word >> sh), resp.valid.eq(v)]
             with m.If(load):
                 m.d.sync += v.eq(req.valid)
+            sub = 0
+            if sh:
+                sub = Signal(sh)
+                with m.If(take):
+                    m.d.sync += sub.eq(word[:sh])
+            m.d.comb += resp.payload.eq(p.lanes_of(port.data, lanes, sub, A))
 
-        reader(self.src, cu.xr, cu.x, cu.xr.payload.row, cu.xr.payload.chunk)
+        reader(self.src, cu.xr, cu.x, cu.xr.payload.row, cu.xr.payload.chunk, G)
         # the unit names residual rows like y rows: token (scatter) or the layer row
         reader(self.dst_rd, cu.rr, cu.r,
-               Mux(scatter, cu.rr.payload.row, cu.rr.payload.row + self.row_off), cu.rr.payload.tile)
+               Mux(scatter, cu.rr.payload.row, cu.rr.payload.row + self.row_off), cu.rr.payload.tile, To)
 
         # ---- results -> destination buffer -----------------------------------------------------
         y = cu.y
@@ -153,8 +163,9 @@ class LinearOp(wiring.Component):
             y.ready.eq(1),
             self.dst_wr.en.eq(y.valid),
             self.dst_wr.row.eq(Mux(scatter, y.payload.row, y.payload.row + self.row_off)),
-            self.dst_wr.word.eq(y.payload.tile),
-            self.dst_wr.data.eq(y.payload.data),
+            self.dst_wr.word.eq(y.payload.tile >> so),
+            self.dst_wr.data.eq(Value.cast(y.payload.data).replicate(G // To)),
+            self.dst_wr.mask.eq(p.slice_mask(To, y.payload.tile[:so] if so else 0)),
             self.sat.eq(Mux(y.valid, y.payload.sat_count, 0)),
         ]
         return m

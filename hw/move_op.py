@@ -125,7 +125,7 @@ class LoadOp(wiring.Component):
             s_, f = fit_signed(o[:A].as_signed() + v[:A].as_signed(), A, q.overflow)
             summed.append(_extend(s_, vb))
             flags.append(f)
-        m.d.comb += [self.dst_wr.row.eq(row), self.dst_wr.word.eq(col),
+        m.d.comb += [self.dst_wr.row.eq(row), self.dst_wr.word.eq(col), self.dst_wr.mask.eq(p.full_mask()),
                      self.dst_rd.row.eq(row), self.dst_rd.word.eq(col)]
         with m.If(active & have & (count < self.words)):
             with m.If(self.add & ~reading):

@@ -19,6 +19,8 @@ def add_arguments(p):
     p.add_argument("--quant", type=_list(str), default=G["quant"], help="quant presets, comma list")
     p.add_argument("--dram-gbps", type=_list(float), default=G["dram_gbps"], help="e.g. 9.6,19.2")
     p.add_argument("--axi-bits", type=_list(int), default=G["axi_bits"], help="e.g. 256,512")
+    p.add_argument("--lanes", type=_list(int), default=G["lanes"],
+                   help="LayerNorm vector lanes, t_in / 2^j (0: lanes = t_in), e.g. 0,16")
     p.add_argument("--routing", default="uniform", choices=("uniform", "golden"),
                    help="expert routing for the cycle model (golden: the golden model's on the "
                         "default image, synthetic seeded weights)")
@@ -47,7 +49,7 @@ def run(args) -> int:
         routing, rsrc = (golden_routing(cfg, get_quant_preset(args.quant[0]), hw)
                          if args.routing == "golden" else (None, None))
         res = run_sweep(args.preset, {"tiles": args.tiles, "attn_p": args.attn_p, "quant": args.quant,
-                                      "dram_gbps": args.dram_gbps, "axi_bits": args.axi_bits},
+                                      "dram_gbps": args.dram_gbps, "axi_bits": args.axi_bits, "lanes": args.lanes},
                         args.hw, routing, rsrc, args.scheduler, args.workers, args.synth,
                         args.synth_timeout)
     except (SweepError, ValueError) as e:

@@ -36,8 +36,9 @@ are the engines' start-to-done cycles as their docstrings and tests pin them.
 LOAD_ROWS / STORE (hw/move_op.py): one buffer word per cycle (two with ADD) and beats at the
   DRAM rate, whichever is slower; LOAD waits the first-beat latency, STORE only its write
   response; + MOVE_OVERHEAD.
-LAYERNORM (hw/layernorm_op.py): gamma|beta transfer (first-beat latency + beats), 2 * D/G cycles
-  of parameter writes, then rows * D/G words through the unit plus its pipeline latency
+LAYERNORM (hw/layernorm_op.py): gamma|beta transfer (first-beat latency + beats at the DRAM
+  rate), at least 2 * D/L cycles of parameter writes (L = hwcfg.lanes, a word per cycle), then
+  rows * D/L beats through the unit plus its pipeline latency
   (hw.layernorm LayerNorm.LATENCY) + 3.
 LINEAR: dram_latency_cycles (first weight beat) + the compute unit's schedule: with r = 1
   exactly sim.perf.linear_timing (weight-stream beats at one per cycle, ping-pong tiles, passes
@@ -443,13 +444,13 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                                 (name + ".av", "av", pc, a["av"], dict(macs=macs, peak=peak, nrows=ins.rows))],
                                a["qk"]["cycles"] + a["av"]["cycles"]))
             elif op is Op.LAYERNORM:
-                G = hwcfg.t_in
-                wpr = -(-D // G)
+                wpr = -(-D // hwcfg.lanes)        # unit beats of L lanes per row
                 par_beats = -(-rd // B)
                 s = {"compute": ins.rows * wpr,
                      "dram_wait": hwcfg.dram_latency_cycles + stretch(par_beats, rate),
-                     # the parameter beats overlap the unit's fill; a slow DRAM can outlast it
-                     "overhead": max(0, lat["layernorm"] + 2 * wpr + 3 - stretch(par_beats, rate))}
+                     # the parameter load ends with its last beat, or after a word per cycle
+                     # when the beats come faster; the unit fills after it
+                     "overhead": lat["layernorm"] + 3 + max(0, 2 * wpr - stretch(par_beats, rate))}
                 s["cycles"] = sum(s.values())
                 per_pc.append(([(name, "layernorm", pc, s, dict(nrows=ins.rows, **kw))],
                                s["compute"] + s["overhead"]))

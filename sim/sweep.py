@@ -22,9 +22,12 @@ OBJECTIVES = ("ms", "dsp", "j_per_image")
 # registered unit -> resource-model entry it replaces when synthesised (--synth); the attention
 # engine holds its SoftmaxStats / SoftmaxNorm (sim.resources zeroes those entries then)
 SYNTH_UNITS = {"compute": "mac_array", "attention": "attention_qk", "layernorm": "layernorm", "gate": "gate"}
-# what hw/accel.py can build: square tiles (t_in = t_out = lanes), an AXI port of 32..256 bits
-DEFAULT_GRID = {"tiles": ["8x8", "16x16", "32x32"], "attn_p": [2, 4, 8],
-                "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256]}
+# what hw/accel.py can build: t_out and the LayerNorm lanes t_in / 2^j, an AXI port of 32..256
+# bits. lanes 0 means lanes = t_in (the LayerNorm reads one buffer word per cycle)
+DEFAULT_GRID = {"tiles": ["8x8", "16x16", "32x32", "64x16", "64x32"], "attn_p": [2, 4, 8],
+                "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256],
+                "lanes": [0]}
+OPTIONAL = {"lanes": [0]}
 
 
 class SweepError(ValueError):
@@ -45,25 +48,31 @@ def parse_tiles(spec) -> list[tuple[int, int]]:
 
 def grid_points(grid: dict, hw_base: str = "zcu102-16x16") -> list[dict]:
     """The cartesian product of the grid as point dicts."""
+    grid = {**OPTIONAL, **grid}
     for k in DEFAULT_GRID:
         if k not in grid or not len(grid[k]):
             raise SweepError(f"sweep grid: '{k}' needs at least one value")
-    pts = []
-    for (ti, to), p, q, bw, axi in itertools.product(parse_tiles(grid["tiles"]), grid["attn_p"],
-                                                     grid["quant"], grid["dram_gbps"], grid["axi_bits"]):
-        pts.append({"t_in": ti, "t_out": to, "attn_p": int(p), "quant": q, "dram_gbps": float(bw),
-                    "axi_data_bits": int(axi), "hw_base": hw_base})
+    pts, seen = [], set()
+    for (ti, to), p, q, bw, axi, ln in itertools.product(parse_tiles(grid["tiles"]), grid["attn_p"],
+                                                         grid["quant"], grid["dram_gbps"], grid["axi_bits"],
+                                                         grid["lanes"]):
+        pt = {"t_in": ti, "t_out": to, "attn_p": int(p), "quant": q, "dram_gbps": float(bw),
+              "axi_data_bits": int(axi), "lanes": int(ln) or ti, "hw_base": hw_base}
+        key = tuple(sorted(pt.items()))
+        if key not in seen:          # lanes 0 and lanes = t_in are one point
+            seen.add(key)
+            pts.append(pt)
     return pts
 
 
 def point_hw(pt: dict):
     from edgemoe.hw.config import get_hw_preset
     base = get_hw_preset(pt["hw_base"])
-    name = (f"{pt['t_in']}x{pt['t_out']}-p{pt['attn_p']}-axi{pt['axi_data_bits']}-"
-            f"{pt['dram_gbps']:g}GBs")
-    # the accelerator top feeds every unit from one buffer word: vector lanes = t_in
+    lanes = pt.get("lanes", pt["t_in"])
+    name = (f"{pt['t_in']}x{pt['t_out']}-p{pt['attn_p']}" + (f"-l{lanes}" if lanes != pt["t_in"] else "")
+            + f"-axi{pt['axi_data_bits']}-{pt['dram_gbps']:g}GBs")
     return base.replace(name=name, t_in=pt["t_in"], t_out=pt["t_out"], attn_p=pt["attn_p"],
-                        lanes=pt["t_in"], dram_gbps=pt["dram_gbps"], axi_data_bits=pt["axi_data_bits"])
+                        lanes=lanes, dram_gbps=pt["dram_gbps"], axi_data_bits=pt["axi_data_bits"])
 
 
 def evaluate_point(pt: dict, preset: str, routing=None, measured: dict | None = None) -> dict:

@@ -48,3 +48,22 @@ def test_hw_config_errors():
         HWConfig(t_in=0)
     with pytest.raises(HWConfigError, match="unknown part"):
         HWConfig(part="xc7z020x")
+
+
+def test_accel_plan_separates_array_shape_and_lanes():
+    """The top takes t_out and lanes as t_in / 2^j (results and LayerNorm beats are slices of a
+    t_in-lane buffer word, one write-mask bit per min(t_out, lanes) lanes); any other shape is
+    refused naming the field and both values."""
+    from edgemoe.hw.accel_plan import accel_plan
+    cfg, q = get_preset("tiny"), get_quant_preset("w8a16-channel")
+    p = accel_plan(cfg, q, get_hw_preset("small-8x4"))
+    assert (p.G, p.To, p.L, p.wg, p.mask_bits) == (8, 4, 4, 4, 2)
+    p = accel_plan(cfg, q, get_hw_preset("small-8x8").replace(t_out=2, lanes=4))
+    assert (p.To, p.L, p.wg, p.mask_bits) == (2, 4, 2, 4)
+    assert accel_plan(cfg, q, get_hw_preset("small-8x8")).mask_bits == 1
+    p = accel_plan(get_preset("edge-moe"), q, get_hw_preset("zcu102-w8-64x16"))
+    assert (p.G, p.To, p.L, p.mask_bits) == (64, 16, 32, 4)
+    for kw, msg in [({"t_out": 16}, "t_out = 16, t_in = 8"), ({"t_out": 3}, "t_out = 3, t_in = 8"),
+                    ({"lanes": 6}, "lanes = 6, t_in = 8"), ({"lanes": 16}, "lanes = 16, t_in = 8")]:
+        with pytest.raises(HWConfigError, match=msg):
+            accel_plan(cfg, q, get_hw_preset("small-8x8").replace(**kw))

@@ -182,13 +182,15 @@ def test_fast_edge_moe_full(tmp_path):
 
 
 @pytest.mark.full
-def test_fast_edge_moe_w8a16_channel_full(tmp_path):
-    """Issue 12: the whole edge-moe preset with w8a16-channel on zcu102-w8-32x32, both tasks:
-    bit-exact, cycle model within 1 %, <= 4 ms per image at 300 MHz."""
+@pytest.mark.parametrize("hw", ["zcu102-w8-32x32", "zcu102-w8-64x16"])
+def test_fast_edge_moe_w8a16_channel_full(tmp_path, hw):
+    """Issue 12: the whole edge-moe preset with w8a16-channel on zcu102-w8-32x32 and on the
+    non-square zcu102-w8-64x16 (16-lane results and 32-lane LayerNorm beats as slices of 64-lane
+    words), both tasks: bit-exact, cycle model within 1 %, <= 4 ms per image at 300 MHz."""
     from edgemoe.quant.compiler import compile_program, synthetic_state_dict
     from edgemoe.quant.qweights import quantize_weights
     from edgemoe.sim.rtl_sim import simulate
-    cfg, q, h = get_preset("edge-moe"), get_quant_preset("w8a16-channel"), get_hw_preset("zcu102-w8-32x32")
+    cfg, q, h = get_preset("edge-moe"), get_quant_preset("w8a16-channel"), get_hw_preset(hw)
     prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, 0)))
     rep = simulate(prog, out_dir=tmp_path / "sim", progress=False, verilog=_edge_moe_verilog(q, h), fast=True)
     for task, r in rep["tasks"].items():
@@ -225,6 +227,41 @@ def test_fast_w8a16_channel_tiny_bit_exact(tmp_path):
     from edgemoe.quant.interpreter import run_program
     for task in cfg.tasks:
         np.testing.assert_array_equal(run_program(prog, image, task).features, gm.forward(image, task).features)
+
+
+NON_SQUARE = [("small-8x4", "w8a16-channel", {}), ("small-8x8", "edge-moe-fixed", {"t_out": 2, "lanes": 8}),
+              ("small-8x8", "w8a16-channel", {"t_out": 8, "lanes": 2})]
+
+
+@pytest.mark.parametrize("hw,quant,kw", NON_SQUARE, ids=["8x4-l4", "8x2-l8", "8x8-l2"])
+def test_fast_non_square_tiny_bit_exact(tmp_path, hw, quant, kw):
+    """Issue 12: the MAC-array shape and the vector lanes are separate from the buffer word
+    (t_in lanes). A narrower array output (t_out < t_in: results are word slices under a lane
+    mask, the residual read takes its slice) and narrower LayerNorm lanes (a word read once per
+    slice): tiny through the whole top, both tasks bit-exact, the executor's bytes, the cycle
+    model within 1 %; the narrower design takes more cycles than the square one."""
+    from conftest import cached_accel_verilog
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.perf_model import inference_cycles
+    from edgemoe.sim.rtl_sim import simulate
+    cfg, q = get_preset("tiny"), get_quant_preset(quant)
+    h = get_hw_preset(hw).replace(act_buffer_tokens=16, **kw)
+    if kw:
+        h = h.replace(name=f"{hw}-o{h.t_out}-l{h.lanes}")
+    qw = quantize_weights(cfg, q, synthetic_state_dict(cfg, 0))
+    prog = compile_program(cfg, q, h, qw)
+    rep = simulate(prog, image=_image(cfg, seed=2), out_dir=tmp_path, progress=False,
+                   verilog=cached_accel_verilog(cfg, q, h), fast=True)
+    for task in cfg.tasks:
+        r = rep["tasks"][task]
+        assert r["bit_exact"] and r["mismatches"] == 0, (task, r["first_mismatch"])
+        assert r["dram_bytes_read"] == r["golden_read"] and r["instructions"] == r["golden_instructions"]
+        assert r["sat_count"] == r["golden_sat"]
+        assert abs(r["model_error"]) < 0.01
+        _early_data_hidden(prog, r)
+    square = h.replace(t_out=h.t_in, lanes=h.t_in)
+    assert rep["tasks"]["semseg"]["cycles"] > inference_cycles(cfg, q, square)["totals"]["cycles"]
 
 
 def test_fast_128_bit_port_tiny_bit_exact(tmp_path):

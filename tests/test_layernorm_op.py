@@ -72,12 +72,15 @@ class _Wrap(Elaboratable):
         for i, nm in enumerate(("X", "H")):
             mem = Memory(shape=p.word_width, depth=p.depth(nm), init=self.init[nm])
             m.submodules[nm] = self.mems[nm] = mem
-            rd, wr = mem.read_port(transparent_for=()), mem.write_port()
+            rd = mem.read_port(transparent_for=())
+            # the top's slice writes (hw/accel.py) when lanes < t_in
+            wr = mem.write_port(granularity=p.wg * p.vb) if p.mask_bits > 1 else mem.write_port()
+            wen = op.dst.en & (self.dst_sel == i)
             wpr = p.wpr[nm]
             m.d.comb += [rd.addr.eq(op.src.row * wpr + op.src.word),
                          rd.en.eq(op.src.en & (self.src_sel == i)),
-                         wr.addr.eq(op.dst.row * wpr + op.dst.word),
-                         wr.en.eq(op.dst.en & (self.dst_sel == i)), wr.data.eq(op.dst.data)]
+                         wr.addr.eq(op.dst.row * wpr + op.dst.word), wr.data.eq(op.dst.data),
+                         wr.en.eq(op.dst.mask & wen.replicate(p.mask_bits) if p.mask_bits > 1 else wen)]
             rdata[i] = rd.data
         m.d.comb += op.src.data.eq(Mux(self.src_sel, rdata[1], rdata[0]))
         return m
@@ -189,7 +192,7 @@ def run_ops(cfg, q, hw, seed=0, gap=0.3):
                               f"got {got[tuple(bad[0])]}, expected {exp[tuple(bad[0])]}")
         np.testing.assert_array_equal(got, exp)
     assert res["sat"] == exp_sat, f"sat per op {res['sat']}, Machine {exp_sat}"
-    nw = D // p.G
+    nw = D // p.L                         # unit beats (one dst write each) per row
     print(f"  sat per op {res['sat']}")
     for (src, dst, rows, _, _), cyc, (fw, lw) in zip(ops, res["cycles"], res["run"]):
         print(f"{cfg.name} {q.name} {hw.name}: LAYERNORM rows={rows} words={rows * nw}: {cyc} cycles "
@@ -197,18 +200,23 @@ def run_ops(cfg, q, hw, seed=0, gap=0.3):
         if rows == 0:
             assert fw is None
             continue
-        assert lw - fw == rows * nw - 1, "dst writes are not one word per cycle"
+        assert lw - fw == rows * nw - 1, "dst writes are not one unit beat per cycle"
         assert cyc == lw + 2                  # done the cycle after the last write
     return res, exp_sat, p
 
 
-CASES = [("small-8x8", "edge-moe-fixed"), ("zcu102-16x16", "edge-moe-fixed"),
-         ("zcu102-16x16", "w8a16")]
+# (lanes: the LayerNorm's vector lanes when fewer than t_in: its beats are word slices)
+CASES = [("small-8x8", "edge-moe-fixed", None), ("zcu102-16x16", "edge-moe-fixed", None),
+         ("zcu102-16x16", "w8a16", None), ("small-8x4", "edge-moe-fixed", None),
+         ("zcu102-16x16", "w8a16", 4)]
 
 
-@pytest.mark.parametrize("hw,quant", CASES, ids=[f"{h}-{q}" for h, q in CASES])
-def test_layernorm_op_matches_machine(hw, quant):
+@pytest.mark.parametrize("hw,quant,lanes", CASES,
+                         ids=[f"{h}-{q}" + (f"-l{n}" if n else "") for h, q, n in CASES])
+def test_layernorm_op_matches_machine(hw, quant, lanes):
     h = get_hw_preset(hw).replace(act_buffer_tokens=16)
+    if lanes:
+        h = h.replace(name=f"{h.name}-l{lanes}", lanes=lanes)
     q = get_quant_preset(quant)
     t0 = time.time()
     # (y cannot leave act here: |xhat| < sqrt(D) = 8, |gamma| < 16, act >= s16.7; the narrow
@@ -240,7 +248,7 @@ def test_layernorm_op_rejects_indivisible_beat():
     h = get_hw_preset("zcu102-16x16").replace(name="x24", t_in=24, t_out=24, lanes=24)
     cfg = TINY.replace(dim=96)            # head_dim 48: accel_plan accepts t_in = 24
     accel_plan(cfg, get_quant_preset("edge-moe-fixed"), h)
-    with pytest.raises(HWConfigError, match="ln_gamma.*t_in = 24"):
+    with pytest.raises(HWConfigError, match="ln_gamma.*lanes = 24"):
         LayerNormOp(cfg, get_quant_preset("edge-moe-fixed"), h)
     gc.collect()                          # the half-built component's warning, here
 
