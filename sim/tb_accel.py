@@ -9,7 +9,8 @@ path of a float [C,H,W] image, or absent: a seeded random image), latency_cycles
 beats_per_cycle (DRAM model overrides), progress (a file path: one line per retired instruction
 is appended, for the CLI's progress bar), batch / features_out (an .npy of images [N,C,H,W]: run
 each through every task, write the features to the .npz features_out), errors (list of {"pc": i, "words": [8 ints]}: patch the
-program and expect that error instead of a result), taps (quant.compiler.debug_program's: compare
+program and expect that error instead of a result; "at_end": true also moves PROGRAM_BASE so
+that instruction pc is the last 32 bytes of the memory, mem_bytes = image_bytes + 64 KiB), taps (quant.compiler.debug_program's: compare
 every stored intermediate tensor with the executor's).
 Result: per task cycles, DRAM bytes, saturations, instructions, mismatches, and the per-
 instruction trace (pc, expert, cycles) from the top's `retire` pulses.
@@ -96,6 +97,9 @@ async def accel_inference(dut):
 
     for patch in conf.get("errors", []):
         # a corrupted program: the run must stop with the interpreter's error code and pc
+        prog_base = drv.addr["program"]
+        if patch.get("at_end"):         # PROGRAM_BASE moved so that instruction pc ends the memory
+            drv.addr["program"] = MEM_BASE + mem_bytes - 32 * (patch["pc"] + 1)
         addr = drv.addr["program"] + 32 * patch["pc"]
         saved = be.mem.read(addr, 32)
         be.mem.write(addr, np.asarray(patch["words"], dtype="<u4").tobytes())
@@ -105,6 +109,7 @@ async def accel_inference(dut):
         except DriverError as e:
             results["errors"].append({"pc": patch["pc"], "code": e.code, "error_pc": e.pc, "msg": str(e)})
         be.mem.write(addr, saved)
+        drv.addr["program"] = prog_base
 
     if conf.get("batch"):
         # many images per task (evaluation): features of each to an npz, mismatches counted

@@ -49,14 +49,19 @@ def _patched_words(prog, pc, **fields):
     return words
 
 
-def _interpreter_error(prog, pc, words, image):
-    """(code, pc) the Python executor stops with on the patched program."""
+def _interpreter_error(prog, pc, words, image, at_end=False):
+    """(code, pc) the Python executor stops with on the patched program. at_end: in the
+    testbench's memory (image_bytes + 64 KiB), PROGRAM_BASE moved so that instruction pc is
+    its last 32 bytes (sim/tb_accel.py)."""
     from edgemoe.quant.interpreter import FlatMemory, Machine, Registers, image_codes
     from edgemoe.quant.program import ProgramError, encode_values, image_patch_codes
     base = 0x1000_0000
-    mem = FlatMemory(prog.image_bytes, base)
+    size = prog.image_bytes + (1 << 16)
+    mem = FlatMemory(size, base)
     mem.write(base, prog.image)
     reg = {n: base + r.offset for n, r in prog.regions.items()}
+    if at_end:
+        reg["program"] = base + size - 32 * (pc + 1)
     mem.write(reg["program"] + 32 * pc, np.asarray(words, "<u4").tobytes())
     mem.write(reg["image"], encode_values(image_patch_codes(prog.cfg, image_codes(prog, image)), prog.qcfg.act))
     try:
@@ -92,14 +97,21 @@ def test_accel_errors_match_interpreter(tmp_path, axi_bits):
         # weights outside the memory: the DRAM answers SLVERR mid-stream; the next START waits
         # until the aborted transfer has drained
         (pc_of["blocks.0.proj"], _patched_words(prog, pc_of["blocks.0.proj"], addr=0x0F00_0000), ERR_ADDRESS),
+        # the program runs off the end of the memory: instruction 0 (the embedding's LOAD_ROWS)
+        # is the memory's last 32 bytes, so the prefetch of instruction 1 gets an AXI error
+        # while 0 runs; it stops in DECODE of pc 1, after 0 has run
+        (0, _patched_words(prog, 0), ERR_ADDRESS, True),
     ]
+    cases = [c if len(c) == 4 else (*c, False) for c in cases]
     rng = np.random.default_rng(1)
     image = rng.normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
-    expected = [_interpreter_error(prog, pc, w, image) for pc, w, _ in cases]
-    assert [e[0] for e in expected] == [c for _, _, c in cases]       # the cases test what they say
+    expected = [_interpreter_error(prog, pc, w, image, end) for pc, w, _, end in cases]
+    assert [e[0] for e in expected] == [c for _, _, c, _ in cases]       # the cases test what they say
+    assert expected[-1] == (ERR_ADDRESS, 1)
     res = run_cocotb(cached_accel_verilog(cfg, q, h), "edgemoe_accel", "edgemoe.sim.tb_accel",
                      tb_config={"program": str(path), "tasks": [cfg.tasks[0]],
-                                "errors": [{"pc": pc, "words": w} for pc, w, _ in cases]}, timeout_s=1200)
+                                "errors": [{"pc": pc, "words": w, "at_end": end} for pc, w, _, end in cases]},
+                     timeout_s=1200)
     got = [(e["code"], e["error_pc"]) for e in res["errors"]]
     assert got == expected, res["errors"]
     r = res["tasks"][cfg.tasks[0]]
