@@ -23,10 +23,11 @@ OBJECTIVES = ("ms", "dsp", "j_per_image")
 # engine holds its SoftmaxStats / SoftmaxNorm (sim.resources zeroes those entries then)
 SYNTH_UNITS = {"compute": "mac_array", "attention": "attention_qk", "layernorm": "layernorm", "gate": "gate"}
 # what hw/accel.py can build: t_out and the LayerNorm lanes t_in / 2^j, an AXI port of 32..256
-# bits. lanes 0 means lanes = t_in (the LayerNorm reads one buffer word per cycle)
+# bits. lanes 0 means lanes = t_in (the LayerNorm reads one buffer word per cycle); a lanes value
+# above a point's t_in is skipped for it
 DEFAULT_GRID = {"tiles": ["8x8", "16x16", "32x32", "64x16", "64x32"], "attn_p": [2, 4, 8],
                 "quant": ["edge-moe-fixed", "w8a16"], "dram_gbps": [9.6, 19.2], "axi_bits": [256],
-                "lanes": [0]}
+                "lanes": [0, 32]}
 OPTIONAL = {"lanes": [0]}
 
 
@@ -56,6 +57,8 @@ def grid_points(grid: dict, hw_base: str = "zcu102-16x16") -> list[dict]:
     for (ti, to), p, q, bw, axi, ln in itertools.product(parse_tiles(grid["tiles"]), grid["attn_p"],
                                                          grid["quant"], grid["dram_gbps"], grid["axi_bits"],
                                                          grid["lanes"]):
+        if int(ln) > ti:             # a LayerNorm wider than the buffer word: not a design point
+            continue
         pt = {"t_in": ti, "t_out": to, "attn_p": int(p), "quant": q, "dram_gbps": float(bw),
               "axi_data_bits": int(axi), "lanes": int(ln) or ti, "hw_base": hw_base}
         key = tuple(sorted(pt.items()))

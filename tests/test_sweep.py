@@ -127,3 +127,17 @@ def test_synthesised_attention_engine_replaces_its_softmax_parts():
     assert r["units"]["softmax_stats"]["dsp"] == r["units"]["softmax_norm"]["lut"] == 0
     rest = [u for u in base["units"] if u not in ("attention_qk", "softmax_stats", "softmax_norm")]
     assert r["total"]["dsp"] == 396 + sum(base["units"][u]["dsp"] for u in rest)
+
+
+def test_grid_lanes_and_non_square_tiles():
+    """The LayerNorm lanes are a grid axis (0: = t_in; above a tile's t_in: no such point; 0
+    and t_in are one point), non-square tiles are built as such, and a narrower LayerNorm
+    costs cycles: tiny's 16x8 with 8 LayerNorm lanes is slower than with 16."""
+    pts = sw.grid_points({"tiles": ["8x8", "16x8"], "attn_p": [4], "quant": ["w8a16"], "dram_gbps": [19.2],
+                          "axi_bits": [256], "lanes": [0, 8, 16]})
+    assert [(p["t_in"], p["t_out"], p["lanes"]) for p in pts] == [(8, 8, 8), (16, 8, 16), (16, 8, 8)]
+    hw = sw.point_hw(pts[2])
+    assert (hw.t_in, hw.t_out, hw.lanes) == (16, 8, 8) and "-l8-" in hw.name
+    ev = [sw.evaluate_point(p, "tiny") for p in pts]
+    assert all(e["ok"] for e in ev), [e.get("error") for e in ev]
+    assert ev[2]["ms"] > ev[1]["ms"]
