@@ -4,8 +4,10 @@ Per unit (every number labelled with its source in the result):
   mac_array      DSP = T_in*T_out * dsp(act.bits x weight lane bits)   (hw.layernorm.mul_plan's
                  DSP48E2 decomposition, 27x18 signed pieces: 32x16 -> 2, 16x8 -> 1);
                  BRAM = 2 accumulator banks of act_buffer_tokens x T_out*acc.bits;
-                 LUT/FF = tests/baselines/synth_compute.json (MAC array + epilogue) scaled by
-                 T_in*T_out*(act + weight bits), minus the epilogue's share.
+                 LUT/FF = a synthesised compute unit (MAC array + epilogue) less its epilogue's
+                 estimate, scaled by T_in*T_out*(act + weight bits): the `linear` group of
+                 tests/baselines/synth_accel_edge_moe_w8.json for 8-bit weights (products and
+                 first adds in DSPs), else tests/baselines/synth_compute.json.
   epilogue       T_out lanes of Requant (granularity "channel": ChannelRequant,
                  synth_channel_requant.json) and GELU: tests/baselines/synth_requant.json and
                  synth_gelu.json (yosys synth_xilinx, hwcfg.lanes lanes) scaled by T_out/lanes;
@@ -46,6 +48,7 @@ BASELINE_DIR = Path(__file__).resolve().parent.parent / "tests" / "baselines"
 KEYS = ("lut", "ff", "dsp", "bram36")
 CONTROLLER = {"lut": 6000, "ff": 9000, "dsp": 0, "bram36": 4}     # ASSUMPTION (docstring)
 SOFTMAX_DIVIDER = {"lut": 800, "ff": 1900}                          # hw/softmax.py docstring
+COMPUTE_TOP_BASELINE = "accel_edge_moe_w8"     # tests/baselines/synth_accel_edge_moe_w8.json
 
 
 def dsp_per_mult(a_bits: int, b_bits: int, is_signed: bool = True) -> int:
@@ -96,23 +99,10 @@ def _scaled(b: dict, lane_f: float, width_f: float, what: str, fixed: dict | Non
     return out
 
 
-def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
-    from edgemoe.quant.compiler import buffer_plan
-    from edgemoe.quant.compiler import memory_bram36 as bram   # shallow memories: LUTRAM, as Yosys maps them
-    from edgemoe.quant.linear import tile_layout
-    q, hw = qcfg, hwcfg
-    Ti, To = hw.t_in, hw.t_out
-    wb = tile_layout(q, hw).w_bits
-    A, ACC = q.act.bits, q.acc.bits
-    units: dict[str, dict] = {}
-
-    units["mac_array"] = {
-        "dsp": Ti * To * dsp_per_mult(A, wb),
-        "lut": To * (Ti - 1) * (A + wb) + To * ACC,
-        "ff": 2 * Ti * To * wb + To * max(1, Ti // 4) * (A + wb + 2) + 2 * To * ACC,
-        "bram36": 2 * bram(To * ACC, hw.act_buffer_tokens),
-        "source": "analytic (module docstring)"}
-    comp = load_baseline("compute", baseline_dir)
+def epilogue_estimate(q, hw, baseline_dir=None) -> dict:
+    """The compute unit's epilogue at T_out lanes: Requant (or ChannelRequant) and GELU from
+    their synth baselines scaled by lanes x act width, gate multiply and residual add analytic."""
+    To, A = hw.t_out, q.act.bits
     epi = {"lut": To * A, "ff": 3 * To * A, "dsp": To * dsp_per_mult(A, q.gate_prob.bits + 1),
            "bram36": 0}
     parts = ["gate multiply + residual add analytic"]
@@ -130,16 +120,44 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
             epi[k] += sc[k]
         parts.append(sc["source"])
     epi["source"] = "; ".join(parts)
-    units["epilogue"] = epi
+    return epi
+
+
+def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
+    from edgemoe.quant.compiler import buffer_plan
+    from edgemoe.quant.compiler import memory_bram36 as bram   # shallow memories: LUTRAM, as Yosys maps them
+    from edgemoe.quant.linear import tile_layout
+    q, hw = qcfg, hwcfg
+    Ti, To = hw.t_in, hw.t_out
+    wb = tile_layout(q, hw).w_bits
+    A, ACC = q.act.bits, q.acc.bits
+    units: dict[str, dict] = {}
+
+    units["mac_array"] = {
+        "dsp": Ti * To * dsp_per_mult(A, wb),
+        "lut": To * (Ti - 1) * (A + wb) + To * ACC,
+        "ff": 2 * Ti * To * wb + To * max(1, Ti // 4) * (A + wb + 2) + 2 * To * ACC,
+        "bram36": 2 * bram(To * ACC, hw.act_buffer_tokens),
+        "source": "analytic (module docstring)"}
+    comp = load_baseline("compute", baseline_dir)
+    # with 8-bit weights the products and the first adds sit in DSPs: a whole-top synthesis of
+    # the same weight width (its `linear` group) is the better baseline for the MAC array
+    top = load_baseline(COMPUTE_TOP_BASELINE, baseline_dir)
+    if top is not None and "linear" in top.get("groups", {}):
+        th, tq = _baseline_hw(top), _baseline_q(top)
+        if tile_layout(tq, th).w_bits == wb:
+            comp = {**top, **{k: top["groups"]["linear"][k] for k in KEYS}}
+    epi = units["epilogue"] = epilogue_estimate(q, hw, baseline_dir)
     if comp is not None:
-        # the synthesised compute unit (MAC array + epilogue) scaled by MACs x datapath width;
-        # the epilogue's share is kept in its own entry
+        # the synthesised compute unit (MAC array + epilogue) less its own epilogue, scaled by
+        # MACs x datapath width; the point's epilogue (T_out lanes) is its own entry
         bh, bq = _baseline_hw(comp), _baseline_q(comp)
         f = (Ti * To * (A + wb)) / (bh.t_in * bh.t_out * (bq.act.bits + tile_layout(bq, bh).w_bits))
+        epi_b = epilogue_estimate(bq, bh, baseline_dir)
         for k in ("lut", "ff"):
-            units["mac_array"][k] = max(0, round(comp[k] * f) - epi[k])
-        units["mac_array"]["source"] = (f"DSP/BRAM analytic; LUT/FF: synth baseline synth_compute.json x "
-                                        f"{f:.3g} (MACs x width) minus the epilogue")
+            units["mac_array"][k] = max(0, round((comp[k] - epi_b[k]) * f))
+        units["mac_array"]["source"] = (f"DSP/BRAM analytic; LUT/FF: synth baseline {Path(comp['path']).name} "
+                                        f"(compute unit) less its epilogue, x {f:.3g} (MACs x width)")
 
     P, dh, ai = hw.attn_p, cfg.head_dim, q.attn_in.bits
     # the attention engine (hw/attention.py): QK lanes P x head_dim attn_in x attn_in multiplies,
