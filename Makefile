@@ -12,6 +12,7 @@ STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
 # the 8-bit-weight design of sim-full-w8: zcu102-w8-32x32, or zcu102-w8-64x16 (64x16 MACs)
 W8_HW ?= zcu102-w8-32x32
+W8_OUT = $(OUT)/sim-full-w8$(if $(filter zcu102-w8-32x32,$(W8_HW)),,-$(W8_HW))
 
 .PHONY: venv demo test test-full test-slow sim-full sim-full-fast sim-full-w8 bench clean help
 
@@ -53,7 +54,7 @@ sim-full-fast: $(STAMP)
 	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --fast --out $(OUT)/sim-full-fast
 
 sim-full-w8: $(STAMP)
-	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw $(W8_HW) --quant w8a16-channel --fast --out $(OUT)/sim-full-w8
+	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw $(W8_HW) --quant w8a16-channel --fast --out $(W8_OUT)
 
 bench: $(STAMP)
 	$(PY) -m edgemoe.sim.bench
