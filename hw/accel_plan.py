@@ -53,7 +53,6 @@ class AccelPlan:
     G: int                  # lanes per buffer word (= t_in)
     To: int                 # MAC-array output lanes (t_out; divides G)
     L: int                  # LayerNorm vector lanes (lanes; divides G)
-    wg: int                 # lanes per write-mask bit: min(To, L)
     vb: int                 # bits per lane in buffer words
     R: int                  # rows per buffer (act_buffer_tokens)
     row_bits: int           # a row index (0..R-1)
@@ -77,6 +76,11 @@ class AccelPlan:
     @property
     def word_width(self) -> int:
         return self.G * self.vb
+
+    @property
+    def wg(self) -> int:
+        """Lanes per write-mask bit: min(To, L)."""
+        return min(self.To, self.L)
 
     @property
     def mask_bits(self) -> int:
@@ -132,7 +136,7 @@ def accel_plan(cfg, qcfg: QuantConfig, hwcfg: HWConfig) -> AccelPlan:
     k = cfg.top_k if cfg.moe_blocks else 0
     qn = max(1, cfg.num_tokens * k)
     return AccelPlan(
-        G=G, To=hwcfg.t_out, L=hwcfg.lanes, wg=min(hwcfg.t_out, hwcfg.lanes), vb=max(qcfg.act.bits, qcfg.gate_logit.bits), R=R, row_bits=bits_for(R),
+        G=G, To=hwcfg.t_out, L=hwcfg.lanes, vb=max(qcfg.act.bits, qcfg.gate_logit.bits), R=R, row_bits=bits_for(R),
         rows_bits=R.bit_length(), wpr=wpr, word_bits=bits_for(max(wpr.values())),
         beat_bits=hwcfg.axi_data_bits, beat_bytes=B, act_cb=cb, vpb=vpb,
         tokens=cfg.num_tokens, dim=cfg.dim, heads=cfg.heads, head_dim=dh, experts=E, top_k=k,
