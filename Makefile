@@ -12,7 +12,9 @@ STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
 # the 8-bit-weight design of sim-full-w8: zcu102-w8-32x32, or zcu102-w8-64x16 (64x16 MACs)
 W8_HW ?= zcu102-w8-32x32
-W8_OUT = $(OUT)/sim-full-w8$(if $(filter zcu102-w8-32x32,$(W8_HW)),,-$(W8_HW))
+# its weights: w8a16-channel (round to nearest), or w8a16-gptq (the same datapath, GPTQ codes)
+W8_QUANT ?= w8a16-channel
+W8_OUT = $(OUT)/sim-full-w8$(if $(filter zcu102-w8-32x32,$(W8_HW)),,-$(W8_HW))$(if $(filter w8a16-channel,$(W8_QUANT)),,-$(W8_QUANT))
 
 .PHONY: venv demo test test-full test-slow sim-full sim-full-fast sim-full-w8 bench clean help
 
@@ -23,7 +25,7 @@ help:
 	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
 	@echo "make sim-full   edge-moe preset, all 12 blocks, both tasks, through the RTL top (cocotb + Verilator)"
 	@echo "make sim-full-fast  the same through the Verilator C++ harness (sim/fast_sim.py, ~1 min after its build)"
-	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, w8a16-channel on $(W8_HW), fast path (W8_HW=zcu102-w8-64x16: the 64x16 array)"
+	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, $(W8_QUANT) on $(W8_HW), fast path (W8_HW=zcu102-w8-64x16: the 64x16 array; W8_QUANT=w8a16-gptq: GPTQ codes)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile
@@ -54,7 +56,7 @@ sim-full-fast: $(STAMP)
 	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw zcu102-16x16 --quant edge-moe-fixed --fast --out $(OUT)/sim-full-fast
 
 sim-full-w8: $(STAMP)
-	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw $(W8_HW) --quant w8a16-channel --fast --out $(W8_OUT)
+	$(PY) -m edgemoe.sim.cli simulate --preset edge-moe --hw $(W8_HW) --quant $(W8_QUANT) --fast --out $(W8_OUT)
 
 bench: $(STAMP)
 	$(PY) -m edgemoe.sim.bench

@@ -25,6 +25,17 @@ Epilogue of every linear layer, per output channel n (acc = exact integer dot pr
 with M[n] * 2**-S[n] = s_in * s_w[n] / s_out rounded to mult_bits significant bits
 (`multiplier`). `channel_requant` is that function; GoldenModel, the compiler and the RTL
 epilogue all use these integers (ChannelEpilogue), computed once in `quantize_channel`.
+
+Weight rounding (QuantConfig.weight_rounding). "nearest": code = round(w / s_w) per weight.
+"gptq" (Frantar et al., GPTQ, ICLR 2023): the scales s_w are the same; the codes of each row are
+chosen column by column, and each column's rounding error is spread onto the columns not yet
+rounded through the Cholesky factor of the inverse Hessian H = X^T X of the layer's float inputs
+on the calibration set (`calibration_hessians`; experts: the tokens the float router sends to
+each expert), so the layer's output error X (W - Q s) is small rather than each weight's.
+H is damped by GPTQ_DAMP x its mean diagonal (an expert sees ~100 calibration rows for 192 or 384
+inputs: H is rank-deficient). Weights that the compensation pushes past the code range are
+clipped and counted as saturated, like any weight. The result is plain integer codes: nothing in
+the golden model, the compiler or the RTL changes.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ MAX_SHIFT = (1 << SHIFT_BITS) - 1
 # beyond the calibration set (other scenes) then still fit; at 16 bits one bit costs ~nothing.
 ACT_HEADROOM = 2.0
 CALIB_SYNTHETIC = 3                 # synthetic scenes in the default activation calibration set
+GPTQ_DAMP = 0.01                    # GPTQ's standard damping, a fraction of H's mean diagonal
 
 
 @dataclass
@@ -229,15 +241,115 @@ def default_act_scales(cfg, qcfg: QuantConfig, folded: dict) -> ActScales:
 
 
 # ---------------------------------------------------------------------------------------------
+# GPTQ
+# ---------------------------------------------------------------------------------------------
+def gptq_codes(w: np.ndarray, s_w: np.ndarray, H: np.ndarray, bits: int,
+               damp: float = GPTQ_DAMP) -> tuple[np.ndarray, int]:
+    """GPTQ codes of w [N, K] at per-row scales s_w [N] for inputs with Hessian H [K, K]:
+    (codes in [-L, L] (int64), how many were clipped to the range). With a diagonal H no error
+    is carried to other columns and the codes are round(w / s_w) exactly."""
+    w = np.array(w, dtype=np.float64)
+    N, K = w.shape
+    if np.asarray(H).shape != (K, K):
+        raise ValueError(f"gptq_codes: Hessian shape {np.asarray(H).shape} for a weight of {K} inputs")
+    L = _levels(bits)
+    H = np.array(H, dtype=np.float64)
+    dead = np.diag(H) <= 0                    # inputs never seen: their weights just round
+    H[dead, dead] = 1.0
+    H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T    # upper: row i carries column i's error forward
+    s = np.asarray(s_w, dtype=np.float64)
+    q = np.empty((N, K))
+    clipped = 0
+    for i in range(K):
+        r = np.round(w[:, i] / s)
+        clipped += int(np.count_nonzero(np.abs(r) > L))
+        q[:, i] = np.clip(r, -L, L)
+        err = (w[:, i] - q[:, i] * s) / U[i, i]
+        w[:, i + 1:] -= np.outer(err, U[i, i + 1:])
+    return q.astype(np.int64), clipped
+
+
+def calibration_hessians(cfg, qcfg: QuantConfig, folded: dict, act: ActScales, images, tasks=None) -> dict:
+    """H = X^T X of every linear layer's float input over the calibration images and tasks, keyed
+    by weight key (experts: [E, K, K], each expert over the tokens the float router gives it).
+    The router of gating "task_cond" sees its task-embedding columns at the LN output's scale
+    (as quantize_channel rescales those weight columns)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .calibrate import float_forward
+
+    tasks = list(range(cfg.num_tasks)) if tasks is None else [cfg.task_index(t) for t in tasks]
+    H: dict = {}
+    E = cfg.num_experts
+
+    def add(key, x, e=None):
+        x = np.asarray(x, dtype=np.float64)
+        g = x.T @ x
+        if e is None:
+            H[key] = H.get(key, 0.0) + g
+        else:
+            H.setdefault(key, np.zeros((E,) + g.shape))[e] += g
+
+    p, (gh, gw) = cfg.patch, cfg.grid
+    for im in images:
+        im = np.asarray(im, dtype=np.float64)
+        patches = im.reshape(cfg.in_chans, gh, p, gw, p).transpose(1, 3, 0, 2, 4).reshape(gh * gw, -1)
+        for t in tasks:
+            add("patch_embed.proj.weight", patches)
+            T = float_forward(cfg, folded, im, t)
+            for i in range(cfg.depth):
+                b = f"blocks.{i}"
+                m = b + ".mlp"
+                add(b + ".attn.qkv.weight", T.tensors[b + ".norm1"])
+                add(b + ".attn.proj.weight", T.tensors[b + ".attn_out"])
+                h2 = T.tensors[b + ".norm2"]
+                if not cfg.is_moe(i):
+                    add(m + ".fc1.weight", h2)
+                    add(m + ".fc2.weight", T.tensors[m + ".gelu"])
+                    continue
+                if cfg.gating == "multi":
+                    add(f"{m}.routers.{t}.weight", h2)
+                else:
+                    emb = folded[f"{m}.task_embed.weight"][t] * (act.scales[b + ".norm2"] / qcfg.act.lsb)
+                    add(m + ".router.weight", np.concatenate([h2, np.broadcast_to(emb, (h2.shape[0], emb.size))], 1))
+                idx = T.routing[i]["topk_idx"]
+                for e in range(E):
+                    toks = np.flatnonzero((idx == e).any(axis=1))
+                    if not toks.size:
+                        continue
+                    x = h2[toks]
+                    a = x @ folded[m + ".htoh4_weight"][e].T + folded[m + ".htoh4_bias"][e]
+                    add(m + ".htoh4_weight", x, e)
+                    add(m + ".h4toh_weight", F.gelu(torch.from_numpy(a)).numpy(), e)
+    return H
+
+
+# ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-def _layer(codes, epi, sat, key, w, bits, s_in, s_out, bias, qcfg, mult_name):
-    """Quantise one weight tensor w [..., N, K] (+ bias [..., N] or None) into codes + epilogue."""
+def _layer(codes, epi, sat, key, w, bits, s_in, s_out, bias, qcfg, mult_name, hess=None):
+    """Quantise one weight tensor w [..., N, K] (+ bias [..., N] or None) into codes + epilogue;
+    hess: {key: H} of calibration_hessians for GPTQ rounding (None: round to nearest)."""
     L = _levels(bits)
     s_w = weight_scales(w, bits)
-    q = np.round(w / s_w[..., None])
-    sat.add(key, int(np.count_nonzero(np.abs(q) > L)), int(q.size))
-    codes[key] = np.clip(q, -L, L).astype(np.int64)
+    if hess is None:
+        q = np.round(w / s_w[..., None])
+        sat.add(key, int(np.count_nonzero(np.abs(q) > L)), int(q.size))
+        codes[key] = np.clip(q, -L, L).astype(np.int64)
+    else:
+        if key not in hess:
+            raise FormatError(f"GPTQ rounding of '{key}': no calibration Hessian (no calibration "
+                              "input reached this layer)")
+        H = hess[key]
+        if w.ndim == 3:         # experts: one Hessian each (zero for an expert no token reached)
+            res = [gptq_codes(w[e], s_w[e], H[e], bits) for e in range(w.shape[0])]
+            codes[key] = np.stack([c for c, _ in res])
+            clipped = sum(n for _, n in res)
+        else:
+            codes[key], clipped = gptq_codes(w, s_w, H, bits)
+        sat.add(key, clipped, int(w.size))
     acc_scale = s_in * s_w
     if bias is None:
         bq = np.zeros(s_w.shape, dtype=np.int64)
@@ -257,6 +369,11 @@ def quantize_channel(cfg, qcfg: QuantConfig, sd: dict, act: ActScales | None = N
     folded = fold_scales(cfg, sd)
     act = act or default_act_scales(cfg, qcfg, folded)
     sc = act.scales
+    hess = None
+    if qcfg.weight_rounding == "gptq":
+        from .calibrate import calibration_images
+        imgs, _ = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+        hess = calibration_hessians(cfg, qcfg, folded, act, imgs)
     a_lsb = qcfg.act.lsb
     sat = SatCounter()
     codes, fmts, epi = {}, {}, {}
@@ -270,7 +387,7 @@ def quantize_channel(cfg, qcfg: QuantConfig, sd: dict, act: ActScales | None = N
 
     pe = folded["patch_embed.proj.weight"]
     _layer(codes, epi, sat, "patch_embed.proj.weight", pe.reshape(pe.shape[0], -1), qcfg.patch_w.bits,
-           a_lsb, a_lsb, folded["patch_embed.proj.bias"], qcfg, "patch_embed")
+           a_lsb, a_lsb, folded["patch_embed.proj.bias"], qcfg, "patch_embed", hess=hess)
     codes["patch_embed.proj.weight"] = codes["patch_embed.proj.weight"].reshape(pe.shape)
     fmts["patch_embed.proj.weight"] = qcfg.patch_w
     for k in ("cls_token", "pos_embed"):
@@ -287,9 +404,9 @@ def quantize_channel(cfg, qcfg: QuantConfig, sd: dict, act: ActScales | None = N
                 fmts[k] = f
         s_out = np.concatenate([np.full(D, sc[f"{b}.{p}"]) for p in ("q", "k", "v")])
         _layer(codes, epi, sat, f"{b}.attn.qkv.weight", folded[f"{b}.attn.qkv.weight"], qcfg.linear_w.bits,
-               sc[f"{b}.norm1"], s_out, folded[f"{b}.attn.qkv.bias"], qcfg, f"{b}.qkv")
+               sc[f"{b}.norm1"], s_out, folded[f"{b}.attn.qkv.bias"], qcfg, f"{b}.qkv", hess=hess)
         _layer(codes, epi, sat, f"{b}.attn.proj.weight", folded[f"{b}.attn.proj.weight"], qcfg.linear_w.bits,
-               sc[f"{b}.v"], a_lsb, folded[f"{b}.attn.proj.bias"], qcfg, f"{b}.proj")
+               sc[f"{b}.v"], a_lsb, folded[f"{b}.attn.proj.bias"], qcfg, f"{b}.proj", hess=hess)
         m = f"{b}.mlp"
         s2 = sc[f"{b}.norm2"]
         if cfg.is_moe(i):
@@ -299,18 +416,18 @@ def quantize_channel(cfg, qcfg: QuantConfig, sd: dict, act: ActScales | None = N
                     # the task-embedding columns see act codes: rescale them to the LN's scale
                     w[:, D:] *= a_lsb / s2
                 _layer(codes, epi, sat, k, w, qcfg.linear_w.bits, s2, qcfg.gate_logit.lsb, None, qcfg,
-                       m + ".gate_logits")
+                       m + ".gate_logits", hess=hess)
             if cfg.gating != "multi":
                 plain(m + ".task_embed.weight", "act")
             _layer(codes, epi, sat, m + ".htoh4_weight", folded[m + ".htoh4_weight"], qcfg.linear_w.bits,
-                   s2, qcfg.gelu_in.lsb, folded[m + ".htoh4_bias"], qcfg, m + ".expert_fc1")
+                   s2, qcfg.gelu_in.lsb, folded[m + ".htoh4_bias"], qcfg, m + ".expert_fc1", hess=hess)
             _layer(codes, epi, sat, m + ".h4toh_weight", folded[m + ".h4toh_weight"], qcfg.linear_w.bits,
-                   a_lsb, a_lsb, folded[m + ".h4toh_bias"], qcfg, m + ".expert_fc2")
+                   a_lsb, a_lsb, folded[m + ".h4toh_bias"], qcfg, m + ".expert_fc2", hess=hess)
         else:
             _layer(codes, epi, sat, m + ".fc1.weight", folded[m + ".fc1.weight"], qcfg.linear_w.bits,
-                   s2, qcfg.gelu_in.lsb, folded[m + ".fc1.bias"], qcfg, m + ".fc1")
+                   s2, qcfg.gelu_in.lsb, folded[m + ".fc1.bias"], qcfg, m + ".fc1", hess=hess)
             _layer(codes, epi, sat, m + ".fc2.weight", folded[m + ".fc2.weight"], qcfg.linear_w.bits,
-                   a_lsb, a_lsb, folded[m + ".fc2.bias"], qcfg, m + ".fc2")
+                   a_lsb, a_lsb, folded[m + ".fc2.bias"], qcfg, m + ".fc2", hess=hess)
         for k in codes:
             if k.startswith(b + ".") and k not in fmts:
                 fmts[k] = qcfg.linear_w

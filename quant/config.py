@@ -63,6 +63,11 @@ class QuantConfig:
     # (quant/channel.py); linear_w/patch_w frac is then 0 and bias is at the accumulator's scale.
     granularity: str = "class"
     mult_bits: int = 16
+    # how channel-granularity weights are rounded to their codes: "nearest" (each weight on its
+    # own), or "gptq": column by column, each rounding error compensated on the columns not yet
+    # rounded through the inverse Hessian of the layer's calibration inputs (quant/channel.py).
+    # The codes stay plain integers of linear_w / patch_w: the datapath is the same.
+    weight_rounding: str = "nearest"
 
     def __post_init__(self):
         for f in FORMAT_FIELDS:
@@ -87,6 +92,9 @@ class QuantConfig:
             need(isinstance(v, int) and lo <= v <= hi, f, f"must be an integer in {lo}..{hi}")
         segs = self.gelu_range * 2 ** self.gelu_step_log2
         need(self.granularity in ("class", "channel"), "granularity", "must be 'class' or 'channel'")
+        need(self.weight_rounding in ("nearest", "gptq"), "weight_rounding", "must be 'nearest' or 'gptq'")
+        need(self.weight_rounding == "nearest" or self.granularity == "channel", "weight_rounding",
+             "'gptq' needs granularity 'channel' (per-channel scales; class formats round each weight alone)")
         need(isinstance(self.mult_bits, int) and 2 <= self.mult_bits <= 24, "mult_bits",
              "must be an integer in 2..24")
         need(self.gelu_range > 0 and float(segs).is_integer() and segs <= 1 << 16, "gelu_range",
@@ -178,8 +186,11 @@ W8A16_CHANNEL = W8A16.replace(
     act=_s(16, 9), gelu_in=_s(16, 9), attn_in=_s(16, 13), ln_gamma=_s(16, 8), ln_beta=_s(16, 7),
 )
 
+# The same datapath and formats; the 8-bit codes are chosen by GPTQ on the calibration set.
+W8A16_GPTQ = W8A16_CHANNEL.replace(name="w8a16-gptq", weight_rounding="gptq")
+
 QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED, "w8a16": W8A16,
-                                         "w8a16-channel": W8A16_CHANNEL}
+                                         "w8a16-channel": W8A16_CHANNEL, "w8a16-gptq": W8A16_GPTQ}
 
 
 def get_quant_preset(name: str) -> QuantConfig:

@@ -509,8 +509,11 @@ class Symbol:
 
 def config_hash(qcfg: QuantConfig, hwcfg) -> int:
     """32-bit identity of the hardware a program is compiled for (the CONFIG_HASH register):
-    crc32 of the canonical JSON of the QuantConfig and the HWConfig."""
-    s = json.dumps({"quant": qcfg.to_dict(), "hw": hwcfg.to_dict()}, sort_keys=True)
+    crc32 of the canonical JSON of the QuantConfig's datapath fields and the HWConfig. The
+    preset's name and its weight rounding are left out: they choose codes, not hardware (a
+    w8a16-gptq program runs on a w8a16-channel bitstream)."""
+    q = {k: v for k, v in qcfg.to_dict().items() if k not in ("name", "weight_rounding")}
+    s = json.dumps({"quant": q, "hw": hwcfg.to_dict()}, sort_keys=True)
     return zlib.crc32(s.encode())
 
 

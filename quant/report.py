@@ -259,6 +259,7 @@ def quant_report(cfg, weights: Weights, quants, image, image_desc: str, tasks=No
         rep["presets"][q.name] = {
             "formats": {k: str(v) for k, v in q.formats().items()},
             "granularity": q.granularity,
+            "weight_rounding": q.weight_rounding,      # "gptq": codes from calibration Hessians
             # channel granularity: per-tensor scales, what calibration clipped and on what data
             "activation_calibration": qw.act.to_dict() if qw.act is not None else None,
             "attn_in_range": q.attn_in.max_value,
@@ -342,6 +343,15 @@ def plot_report(rep: dict, qcfgs, path) -> Path:
     return path
 
 
+def _most_saturated(sat: dict, n: int = 4) -> str:
+    """' (tensor count/total, ... +k more)' for the tensors with the most saturated codes."""
+    if not sat:
+        return ""
+    top = sorted(sat.items(), key=lambda kv: -kv[1]["saturated"])
+    txt = ", ".join(f"{k} {v['saturated']}/{v['total']}" for k, v in top[:n])
+    return f" ({txt}{f', +{len(top) - n} more tensors' if len(top) > n else ''})"
+
+
 def format_summary(rep: dict) -> str:
     """Console text of a report."""
     lines = [f"model {rep['model']}, image: {rep['image']}", rep["weights"]["banner"]]
@@ -351,8 +361,8 @@ def format_summary(rep: dict) -> str:
         s = p["summary"]
         lines.append(f"\n== {qn}: act {p['formats']['act']}, linear_w {p['formats']['linear_w']}, "
                      f"attn_in {p['formats']['attn_in']}, score {p['formats']['score']}; weights "
-                     f"saturated: {p['weights_saturated_total']}"
-                     + (f" ({', '.join(p['weights_saturated'])})" if p["weights_saturated"] else ""))
+                     f"rounded {p.get('weight_rounding', 'nearest')}, saturated: {p['weights_saturated_total']}"
+                     + _most_saturated(p["weights_saturated"]))
         ae = p["approx_errors"]
         lines.append(f"approx max err: exp2 {ae['exp2_abs_max']:.2e}, softmax {ae['softmax_abs_max']:.2e}, "
                      f"gelu {ae['gelu_abs_max']:.2e}, rsqrt rel {ae['rsqrt_rel_max']:.2e}, "

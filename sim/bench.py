@@ -241,6 +241,38 @@ def bench_w8a8(preset: str = "edge-moe") -> dict:
     return out
 
 
+def bench_fidelity(preset: str = "edge-moe", quants=("w8a16-channel", "w8a16-gptq")) -> dict:
+    """Issue 12's fidelity targets for the 8-bit-weight presets (nearest against GPTQ codes) on
+    seeded and, where ../shared has them, trained weights; the Cityscapes image, both tasks:
+    final cosine >= 0.999, tokens whose top-k set changes <= 0.5 %."""
+    from edgemoe.model.checkpoint import default_edge_moe_dir
+    from edgemoe.model.config import get_preset
+    from edgemoe.model.images import load_image
+    from edgemoe.quant.report import load_weights, quant_report
+    cfg = get_preset(preset)
+    x, desc = load_image(cfg)
+    kinds = ["seeded"] + (["edge-moe-bin"] if preset == "edge-moe" and default_edge_moe_dir().exists() else [])
+    out = {}
+    for kind in kinds:
+        rep = quant_report(cfg, load_weights(cfg, kind), list(quants), x[0].numpy(), desc)
+        out[kind] = {}
+        for qn, p in rep["presets"].items():
+            sm = p["summary"]
+            frac = sm["routing_changed_tokens"] / max(1, sm["routing_tokens"])
+            sq = [r["final"]["sqnr_db"] for r in p["runs"]]
+            out[kind][qn] = {"final_cosine_min": sm["final_cosine_min"], "final_sqnr_db": sq,
+                             "routing_changed": frac, "weights_saturated": p["weights_saturated_total"],
+                             "router_weights_only": sm["routing_changed_router_weights_only"],
+                             "router_input_only": sm["routing_changed_router_input_only"]}
+            print(f"{kind:>13}  {qn:<14} final cosine {sm['final_cosine_min']:.6f} (>= 0.999: "
+                  f"{sm['final_cosine_min'] >= 0.999}), SQNR {' / '.join(f'{v:.1f}' for v in sq)} dB, "
+                  f"routing changed {sm['routing_changed_tokens']}/{sm['routing_tokens']} = {frac:.2%} "
+                  f"(<= 0.5 %: {frac <= 0.005}; router weights only {sm['routing_changed_router_weights_only']}, "
+                  f"input only {sm['routing_changed_router_input_only']}), weight codes saturated "
+                  f"{p['weights_saturated_total']}")
+    return out
+
+
 def bench_data() -> dict:
     """Synthetic scene generation speed at 128x256."""
     from edgemoe.model.data import bench_data as bd
@@ -249,7 +281,7 @@ def bench_data() -> dict:
 
 BENCHES = {"golden": bench_golden, "approx": bench_approx, "cpu": bench_cpu_baseline, "data": bench_data,
            "rtl": bench_rtl, "rtl_w8": bench_rtl_w8, "fast_sim": bench_fast_sim,
-           "fast_sim_flags": bench_fast_sim_flags, "w8a8": bench_w8a8}
+           "fast_sim_flags": bench_fast_sim_flags, "w8a8": bench_w8a8, "fidelity": bench_fidelity}
 
 
 def main(argv=None) -> int:

@@ -29,3 +29,19 @@ def test_bench_bad_requests():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             measure("tiny", device="cuda")
+
+
+def test_bench_fidelity_tiny(capsys):
+    """`make bench`'s fidelity part: both 8-bit-weight presets against the issue-12 targets, with
+    figures that come from the quant report (GPTQ closer to float than nearest on tiny)."""
+    from edgemoe.sim.bench import BENCHES, bench_fidelity
+    assert BENCHES["fidelity"] is bench_fidelity
+    r = bench_fidelity("tiny")
+    assert list(r) == ["seeded"]          # trained weights exist only for edge-moe
+    n, g = r["seeded"]["w8a16-channel"], r["seeded"]["w8a16-gptq"]
+    for v in (n, g):
+        assert 0.999 <= v["final_cosine_min"] <= 1.0 and 0.0 <= v["routing_changed"] <= 1.0
+        assert len(v["final_sqnr_db"]) == 2
+    assert min(g["final_sqnr_db"]) > min(n["final_sqnr_db"])
+    out = capsys.readouterr().out
+    assert "w8a16-gptq" in out and "<= 0.5 %" in out
