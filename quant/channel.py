@@ -58,6 +58,7 @@ MAX_SHIFT = (1 << SHIFT_BITS) - 1
 ACT_HEADROOM = 2.0
 CALIB_SYNTHETIC = 3                 # synthetic scenes in the default activation calibration set
 GPTQ_DAMP = 0.01                    # GPTQ's standard damping, a fraction of H's mean diagonal
+GPTQ_BLOCK = 64                     # columns per lazy-batch update
 
 
 @dataclass
@@ -261,12 +262,18 @@ def gptq_codes(w: np.ndarray, s_w: np.ndarray, H: np.ndarray, bits: int,
     s = np.asarray(s_w, dtype=np.float64)
     q = np.empty((N, K))
     clipped = 0
-    for i in range(K):
-        r = np.round(w[:, i] / s)
-        clipped += int(np.count_nonzero(np.abs(r) > L))
-        q[:, i] = np.clip(r, -L, L)
-        err = (w[:, i] - q[:, i] * s) / U[i, i]
-        w[:, i + 1:] -= np.outer(err, U[i, i + 1:])
+    # GPTQ's lazy batches: a column's error updates the rest of its block at once and the
+    # columns after the block in one product per block (the same updates, fewer passes)
+    for b0 in range(0, K, GPTQ_BLOCK):
+        b1 = min(K, b0 + GPTQ_BLOCK)
+        errs = np.empty((N, b1 - b0))
+        for i in range(b0, b1):
+            r = np.round(w[:, i] / s)
+            clipped += int(np.count_nonzero(np.abs(r) > L))
+            q[:, i] = np.clip(r, -L, L)
+            e = errs[:, i - b0] = (w[:, i] - q[:, i] * s) / U[i, i]
+            w[:, i + 1:b1] -= e[:, None] * U[i, i + 1:b1]
+        w[:, b1:] -= errs @ U[b0:b1, b1:]
     return q.astype(np.int64), clipped
 
 
