@@ -55,6 +55,18 @@ Controller (one instruction at a time; the next instruction's fetch and data req
            as the executor's).
   EXPERT_LOOP arg: the next arg instructions run once per active expert (increasing id; the
            queue of expert e is entries q_base[e] .. + q_len[e] of the queue memory).
+           Expert-weight streaming (HWConfig.weight_fifo_beats = SD > 0): a loop whose body is
+           one or two LINEARs of at most SD weight beats each is held on chip once the first
+           expert has issued them all (lb registers); the later experts replay it from there (no
+           instruction fetch: the executor counts the same bytes) and a streamer requests their
+           weights in execution order, each request once the SD-beat FIFO has room for all its
+           beats. R beats the streamer asked for go to the FIFO; a streamed LINEAR takes its
+           beats from there (an AXI error rides along as a 257th bit and stops that instruction,
+           at its pc, as the executor does); an unaligned later address stops the streamer and
+           that instruction fails ERR_ADDRESS at ISSUE. DRAM_BYTES_READ counts streamed beats
+           when used. The compute unit still takes one beat per cycle, so the FIFO cannot feed a
+           memory-bound expert faster than the port does: the gain is the refetches (and the
+           first-beat latencies) until the weight intake is widened.
 Every unit is reset by START (a clean state after an error).
 
 Exported module `edgemoe_accel`: clk, rst; m_axi__* (AXI4 master, hw/axi.py), s_axil__*
@@ -64,6 +76,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -419,8 +432,19 @@ class Accelerator(wiring.Component):
         f_err = Signal()                              # an instruction beat had an error response
         d_err = Signal()                              # a data beat of this instruction had one
         own = cur_left != 0
-        take_ins = fetching | (pf_wait & ~own)
+        # expert-weight streaming (weight_fifo_beats > 0): beats the streamer requested go to
+        # the weight FIFO; a streamed LINEAR takes its beats from there (from_fifo)
+        SD = hw.weight_fifo_beats
+        from_fifo = Signal()
+        s_out = Signal(32)                            # streamer beats requested, not yet arrived
+        own_r = own & ~from_fifo                      # this instruction's beats come from R
+        take_ins = fetching | (pf_wait & ~own_r & (s_out == 0))
         consumers = [(is_op[Op.LOAD_ROWS], load.d), (is_op[Op.LAYERNORM], ln.p), (is_op[Op.LINEAR], lin.w)]
+        to_fifo, fifo_pop = Signal(), Signal()
+        flush = Signal()                              # a fail: the FIFO empties with the stream
+        if SD:
+            m.submodules.wfifo = wfifo = ResetInserter(soft_rst | flush)(
+                SyncFIFOBuffered(width=hw.axi_data_bits + 1, depth=SD))
         with m.If(take_ins):
             m.d.comb += axim.rd_data.ready.eq(1)
             with m.If(axim.rd_data.valid):
@@ -431,15 +455,28 @@ class Accelerator(wiring.Component):
                 with m.If(pf_wait & f_last):
                     m.d.sync += pf_state.eq(2)
         for cond, s in consumers:
-            with m.Elif(cond & busy & own):
+            with m.Elif(cond & busy & own_r):
                 m.d.comb += [s.valid.eq(axim.rd_data.valid), s.payload.eq(axim.rd_data.payload),
                              axim.rd_data.ready.eq(s.ready)]
                 with m.If(axim.rd_data.valid & s.ready):
                     m.d.sync += cur_left.eq(cur_left - 1)
                     with m.If(axim.rd_err):
                         m.d.sync += d_err.eq(1)
+        if SD:
+            with m.Elif(busy & (s_out != 0)):
+                # the FIFO always has room: the streamer reserved it before the request
+                m.d.comb += [wfifo.w_en.eq(axim.rd_data.valid), wfifo.w_data.eq(Cat(axim.rd_data.payload, axim.rd_err)),
+                             axim.rd_data.ready.eq(wfifo.w_rdy), to_fifo.eq(axim.rd_data.valid & wfifo.w_rdy)]
         with m.Elif(~busy):
             m.d.comb += axim.rd_data.ready.eq(1)     # drain beats of an aborted transfer
+        if SD:
+            with m.If(is_op[Op.LINEAR] & busy & own & from_fifo):
+                m.d.comb += [lin.w.valid.eq(wfifo.r_rdy), lin.w.payload.eq(wfifo.r_data[:hw.axi_data_bits]),
+                             wfifo.r_en.eq(lin.w.ready), fifo_pop.eq(wfifo.r_rdy & lin.w.ready)]
+                with m.If(fifo_pop):
+                    m.d.sync += cur_left.eq(cur_left - 1)
+                    with m.If(wfifo.r_data[-1]):
+                        m.d.sync += d_err.eq(1)
         m.d.comb += [axim.wr_data.valid.eq(store.d.valid & is_op[Op.STORE]),
                      axim.wr_data.payload.eq(store.d.payload), store.d.ready.eq(axim.wr_data.ready & is_op[Op.STORE])]
 
@@ -463,8 +500,9 @@ class Accelerator(wiring.Component):
         sat_next = sat + sat_sum
         with m.If(busy):
             m.d.sync += [cycles.eq(cycles + 1), sat.eq(Mux(sat_next[32:].any(), 0xFFFF_FFFF, sat_next[:32]))]
-            with m.If(axim.rd_data.valid & axim.rd_data.ready):
-                m.d.sync += rbytes.eq(rbytes + B)
+            # streamed beats count when used (as the one-at-a-time controller reads them)
+            rd_n = (axim.rd_data.valid & axim.rd_data.ready & ~to_fifo).as_unsigned() + fifo_pop.as_unsigned()
+            m.d.sync += rbytes.eq(rbytes + rd_n * B)
             with m.If(axim.wr_data.valid & axim.wr_data.ready):
                 m.d.sync += wbytes.eq(wbytes + B)
 
@@ -478,9 +516,24 @@ class Accelerator(wiring.Component):
         if gate is not None:
             starts[Op.GATE] = gate.start
 
+        # expert-weight streamer state (hw.weight_fifo_beats > 0; constant 0 otherwise)
+        lb = [[Signal(32, name=f"lb{j}_{i}") for i in range(8)] for j in range(2)]   # loop body
+        first_iter, cap_ok, stream_on = Signal(), Signal(), Signal()
+        s_exp = Signal.like(expert, name="s_exp")     # the streamer's cursor: expert, body index
+        s_j, s_more, s_stop, s_fresh = Signal(), Signal(), Signal(), Signal()
+        s_res = Signal(32)                            # FIFO beats reserved: requested, not yet used
+        s_req, s_use = Signal(16), Signal(16)         # streamed instructions requested / started
+        ctl_req = Signal()                            # the controller writes rd_cmd this cycle
+
+        def stream_reset():
+            return [stream_on.eq(0), first_iter.eq(0), from_fifo.eq(0), s_res.eq(0), s_out.eq(0),
+                    s_req.eq(0), s_use.eq(0), s_more.eq(0), s_stop.eq(0)]
+
         def fail(code):
             m.d.sync += [err_code.eq(code), err_pc.eq(pc), error.eq(1), busy.eq(0), in_loop.eq(0),
                          pf_state.eq(0), f_cnt.eq(0), cur_left.eq(0), early.eq(0), f_err.eq(0), d_err.eq(0)]
+            m.d.sync += stream_reset()
+            m.d.comb += flush.eq(1)
             m.next = "IDLE"
 
         # next active expert above `expert` (priority encoder over the metaqueue)
@@ -513,6 +566,41 @@ class Accelerator(wiring.Component):
                      nx_ok.eq(~Cat(*nx_checks).any() & (nx_lin | nx_ln) & ~f_err & (retired < MAX_INSTRUCTIONS)),
                      nx_valid.eq(pf_state == 2)]
 
+        body_j = (pc - loop_start)[0]                 # 0 / 1 in a body of one or two
+        small_body = (loop_end - loop_start) <= 1
+        npc_in_body = Mux(at_loop_end, ex_found, in_loop)
+        sins = stream_on & in_loop                    # this instruction's weights are streamed
+        if SD:
+            # Inside an expert loop whose body is one or two LINEARs of at most SD beats each,
+            # once the first iteration has run both: the body is replayed from lb (no fetches)
+            # and the weights of the experts still to run are requested in execution order as
+            # soon as the FIFO has room for a whole instruction's beats; the port then keeps
+            # streaming through compute-bound experts for the DRAM-bound ones after them.
+            s_words = [Mux(s_j, lb[1][i], lb[0][i]) for i in range(8)]
+            s_addr, s_beats = Signal(AB), Signal(24)
+            m.d.sync += [s_addr.eq(operand_addr(s_words, s_exp)), s_beats.eq(linear_beats(s_words)),
+                         s_fresh.eq(1)]
+            s_found, s_next = next_active(s_exp)
+            s_go = Signal()
+            s_bad = s_addr[:beat_lg].any() if beat_lg else Const(0)
+            m.d.comb += s_go.eq(busy & stream_on & s_more & s_fresh & ~s_stop & ~rd_cmd_valid & ~ctl_req
+                                & ~s_bad & (s_res + s_beats <= SD))
+            with m.If(stream_on & s_more & s_fresh & s_bad):
+                m.d.sync += s_stop.eq(1)      # that instruction stops with ERR_ADDRESS at ISSUE
+            m.d.sync += [s_res.eq(s_res + Mux(s_go, s_beats, 0) - fifo_pop),
+                         s_out.eq(s_out + Mux(s_go, s_beats, 0) - to_fifo)]
+            with m.If(s_go):
+                m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(s_addr), rd_cmd_beats.eq(s_beats),
+                             s_req.eq(s_req + 1), s_fresh.eq(0)]
+                with m.If(s_j == (loop_end - loop_start)[0]):
+                    m.d.sync += s_j.eq(0)
+                    with m.If(s_found):
+                        m.d.sync += s_exp.eq(s_next)
+                    with m.Else():
+                        m.d.sync += s_more.eq(0)
+                with m.Else():
+                    m.d.sync += s_j.eq(1)
+
         with m.FSM(name="ctrl"):
             with m.State("IDLE"):
                 with m.If(start_req & axim.rd_idle & axim.wr_idle):
@@ -522,8 +610,10 @@ class Accelerator(wiring.Component):
                                  retired.eq(0), in_loop.eq(0), gate_ok.eq(0), start_req.eq(0),
                                  pf_state.eq(0), f_cnt.eq(0), cur_left.eq(0), early.eq(0),
                                  f_err.eq(0), d_err.eq(0)]
+                    m.d.sync += stream_reset()
                     m.next = "FETCH"
             with m.State("FETCH"):
+                m.d.comb += ctl_req.eq(1)
                 m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + pc * INSTR_BYTES),
                              rd_cmd_beats.eq(IB), f_err.eq(0)]
                 m.next = "FETCH_WAIT"
@@ -550,6 +640,7 @@ class Accelerator(wiring.Component):
                     m.d.sync += retired.eq(retired + 1)
                     m.next = "ISSUE"
             with m.State("ISSUE"):
+                m.d.comb += ctl_req.eq(~sins)
                 with m.If(uses_mem & op_addr[:beat_lg].any()):
                     fail(ERR_ADDRESS)
                 with m.Elif(is_op[Op.END]):
@@ -558,10 +649,12 @@ class Accelerator(wiring.Component):
                 with m.Elif(is_op[Op.EXPERT_LOOP]):
                     with m.If(first_found):
                         m.d.sync += [in_loop.eq(1), expert.eq(first), loop_start.eq(pc + 1),
-                                     loop_end.eq(pc + arg), pc.eq(pc + 1)]
+                                     loop_end.eq(pc + arg), pc.eq(pc + 1), first_iter.eq(1)]
                     with m.Else():
                         m.d.sync += pc.eq(pc + arg + 1)
                     m.next = "FETCH"
+                with m.Elif(sins & (s_req == s_use)):
+                    pass                # its weights are not requested yet (the FIFO is full)
                 with m.Else():
                     for o, s in starts.items():
                         with m.If(is_op[o]):
@@ -570,8 +663,23 @@ class Accelerator(wiring.Component):
                         m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(move_beats)]
                     with m.If(is_op[Op.LAYERNORM] & ~early):
                         m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(ln_beats)]
-                    with m.If(is_op[Op.LINEAR] & ~early):
+                    with m.If(is_op[Op.LINEAR] & ~early & ~sins):
                         m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(op_addr), rd_cmd_beats.eq(lin_beats)]
+                    m.d.sync += from_fifo.eq(sins)
+                    with m.If(sins):
+                        m.d.sync += s_use.eq(s_use + 1)
+                    if SD:
+                        # the first iteration: hold the body and decide whether the loop streams
+                        with m.If(in_loop & first_iter & small_body):
+                            ok = is_op[Op.LINEAR] & (lin_beats <= SD)
+                            fin = Mux(body_j == 0, ok, cap_ok & ok)
+                            m.d.sync += cap_ok.eq(fin)
+                            for j in range(2):
+                                with m.If(body_j == j):
+                                    m.d.sync += [w.eq(v) for w, v in zip(lb[j], ins)]
+                            with m.If((pc == loop_end) & fin & ex_found):
+                                m.d.sync += [stream_on.eq(1), s_exp.eq(ex_next), s_j.eq(0), s_more.eq(1),
+                                             s_stop.eq(0), s_fresh.eq(0)]
                     m.d.sync += [cur_left.eq(Mux(is_op[Op.LOAD_ROWS], move_beats, Mux(is_op[Op.LAYERNORM], ln_beats,
                                                                                Mux(is_op[Op.LINEAR], lin_beats, 0)))),
                                  early.eq(0), d_err.eq(0)]
@@ -587,13 +695,15 @@ class Accelerator(wiring.Component):
                 # the next instruction is requested as soon as this one's reads are (its beats
                 # follow them); not in the retire cycle itself (FETCH would then see two)
                 with m.If((pf_state == 0) & ~is_op[Op.STORE] & ~rd_cmd_valid & ~early
-                          & ~axim.error & ~finishing):
+                          & ~axim.error & ~finishing & ~(stream_on & npc_in_body)):
+                    m.d.comb += ctl_req.eq(1)
                     m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(bases[0] + npc * INSTR_BYTES),
                                  rd_cmd_beats.eq(IB), pf_state.eq(1), f_err.eq(0)]
                 # then its data, behind them (not after LOAD_ROWS or GATE, which may still fail)
                 with m.Elif(nx_valid & (pf_state == 2) & nx_ok & ~nx_addr[:beat_lg].any() & ~early
                             & ~rd_cmd_valid & ~is_op[Op.LOAD_ROWS] & ~is_op[Op.GATE] & ~finishing
                             & ~d_err & ~axim.error):
+                    m.d.comb += ctl_req.eq(1)
                     m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(nx_addr), rd_cmd_beats.eq(nx_beats),
                                  early.eq(1)]
                 with m.If(engine_done):
@@ -612,13 +722,20 @@ class Accelerator(wiring.Component):
                         # next pc: loop back / next expert / fall through
                         m.d.sync += [pc.eq(npc), pf_state.eq(0)]
                         with m.If(at_loop_end):
+                            m.d.sync += first_iter.eq(0)
                             with m.If(ex_found):
                                 m.d.sync += expert.eq(ex_next)
                             with m.Else():
-                                m.d.sync += in_loop.eq(0)
+                                m.d.sync += [in_loop.eq(0), stream_on.eq(0)]
+                        # a streamed loop replays its body from lb
+                        with m.If(stream_on & npc_in_body):
+                            for j in range(2):
+                                with m.If(Mux(at_loop_end, 0, body_j + 1) == j):
+                                    m.d.sync += [w.eq(b) for w, b in zip(ins, lb[j])]
+                            m.next = "DECODE"
                         # the prefetched beat is taken as FETCH_WAIT takes one; an AXI error it
                         # raised stops the next instruction's EXEC at npc, as after a FETCH
-                        with m.If(pf_state == 2):
+                        with m.Elif(pf_state == 2):
                             m.d.sync += [w.eq(b) for w, b in zip(ins, pf_buf)]
                             m.next = "DECODE"
                         with m.Elif((pf_state == 1) & ~own & axim.rd_data.valid & f_last):  # arriving now

@@ -40,12 +40,19 @@ class HWConfig:
     dram_latency_cycles: int = 64
     act_buffer_tokens: int = 256   # on-chip activation rows (tokens) per buffer
     part: str = "xczu9eg"
+    # expert-weight streaming (hw/accel.py): a FIFO of this many AXI beats between the read
+    # port and the compute unit; inside an expert loop the body is held on chip and the weights
+    # of the experts still to run are requested as far ahead as the FIFO has room. 0: off.
+    weight_fifo_beats: int = 0
 
     def __post_init__(self):
         for f in ("t_in", "t_out", "attn_p", "lanes", "axi_data_bits", "act_buffer_tokens"):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise HWConfigError(f"HWConfig '{self.name}': field '{f}' = {v!r} must be a positive integer")
+        if not isinstance(self.weight_fifo_beats, int) or self.weight_fifo_beats < 0:
+            raise HWConfigError(f"HWConfig '{self.name}': field 'weight_fifo_beats' = {self.weight_fifo_beats!r} "
+                                "must be an integer >= 0 (0: no expert-weight streaming)")
         if self.axi_data_bits % 8 or self.axi_data_bits & (self.axi_data_bits - 1):
             raise HWConfigError(f"HWConfig '{self.name}': axi_data_bits = {self.axi_data_bits} must be a power of two >= 8")
         if self.part not in PARTS:

@@ -185,17 +185,37 @@ class Machine:
                     raise ProgramError(ERR_LOOP, pc, "EXPERT_LOOP with an empty body")
                 if self.queues is None:
                     raise ProgramError(ERR_LOOP, pc, "EXPERT_LOOP before any GATE (no expert queues)")
-                for e in self.metaqueue:
+                held = None         # the body as the weight streamer holds it (no refetch)
+                for i, e in enumerate(self.metaqueue):
+                    fetched = []
                     for j in range(1, ins.arg + 1):
-                        body = self._fetch(regs, pc + j)
+                        body = held[j - 1] if held else self._fetch(regs, pc + j)
                         if body.op in (Op.END, Op.EXPERT_LOOP):
                             raise ProgramError(ERR_LOOP, pc + j, f"{body.op.name} inside an expert-loop body")
                         st.retired += 1
                         self._exec(body, pc + j, regs, e)
+                        fetched.append(body)
+                    if i == 0 and self._streams(fetched):
+                        held = fetched
                 pc += ins.arg + 1
                 continue
             self._exec(ins, pc, regs, None)
             pc += 1
+
+    def _streams(self, body: list) -> bool:
+        """hw/accel.py's expert-weight streamer takes this loop (HWConfig.weight_fifo_beats > 0, a
+        body of one or two LINEARs of at most that many beats each): from the second expert on,
+        the body is replayed from on-chip registers, so its instructions are not fetched again."""
+        D = getattr(self.hw, "weight_fifo_beats", 0)
+        if not D or len(body) > 2:
+            return False
+        for b in body:
+            if b.op is not Op.LINEAR:
+                return False
+            md = linear_mode(b.flags)
+            if align(stream_bytes(self.layout, b.k, b.n, md.bias), self.beat) // self.beat > D:
+                return False
+        return True
 
     def _exec(self, ins: Instr, pc: int, regs: Registers, expert: int | None) -> None:
         self._cur = [0, 0]

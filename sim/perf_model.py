@@ -31,6 +31,14 @@ in execution order: a loop body expert by expert)
   instruction, after its predecessor's reads had ended: o + max(0, F - o - hide - prefetch_slack)
   with o = prefetched_decode_cycles; prefetch=False one without prefetch (every instruction
   pays F).
+Expert-weight streaming (hwcfg.weight_fifo_beats = SD > 0, a loop body of one or two LINEARs of
+  at most SD beats each, two or more active experts): from the second expert on, the body costs
+  no fetch (early_decode_cycles from retire to start); the streamer requests each streamed
+  layer's beats once the FIFO has room for all of them (room frees as earlier layers take their
+  beats: linear_schedule_fed's load ends), STREAM_REQ_GAP apart and not before the first
+  expert's last own beat; they arrive a first-beat latency after the request, behind the port's
+  earlier beats, at the beat rate; the layer's schedule then takes each beat no earlier than it
+  is there (_streamed_linear).
 Validated against the RTL top (hw/accel.py, sim/rtl_sim.py, `edgemoe simulate`): the terms below
 are the engines' start-to-done cycles as their docstrings and tests pin them.
 LOAD_ROWS / STORE (hw/move_op.py): one buffer word per cycle (two with ADD) and beats at the
@@ -92,6 +100,7 @@ EARLY_TYPES = ("patch_embed", "layernorm", "qkv", "proj", "mlp_fc1", "mlp_fc2", 
 NO_EARLY_AFTER = ("embed", "gate", "store", "control")
 
 MOVE_OVERHEAD = 5     # LOAD_ROWS / STORE: AXI command register, engine pipeline, done (RTL)
+STREAM_REQ_GAP = 2    # the expert-weight streamer: cycles between requests (address register)
 
 
 class PerfModelError(ValueError):
@@ -202,6 +211,53 @@ def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int,
         bank_free[j % 2] = e_start + R + 2
         last_y = e_start + R + epi_latency - 1
     return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall, loader)
+
+
+def linear_schedule_fed(rows: int, kc: int, nc: int, tile_beats: int, bias_beats: int,
+                        mac_stages: int, epi_latency: int, ready) -> tuple[Schedule, list]:
+    """linear_schedule at one beat per cycle for a layer whose weight beats come from the weight
+    FIFO: beat b (stream order: per column its header, then its kc tiles) can be taken no earlier
+    than ready(b) (cycles from the command; <= 0: already there). -> (Schedule, [(cycle a load
+    ends, beats it took)]) -- the FIFO room each load frees."""
+    R = rows
+    D = R * 1
+    loader, prev_start, bias_free, epi_free, last_y, stall = 1, None, 0, 0, 0, 0
+    bank_free = [0, 0]
+    s = first = 0
+    b = 0
+    used = []
+
+    def load(t0, n):
+        nonlocal b
+        end = max(t0 + n, ready(b + n - 1) + 1)
+        b += n
+        used.append((end, n))
+        return end
+
+    for j in range(nc):
+        for c in range(kc):
+            if c == 0 and bias_beats:
+                loader = load(max(loader, bias_free), bias_beats)
+            t0 = loader if prev_start is None else max(loader, prev_start)
+            loader = load(t0, tile_beats)
+            s = loader
+            if prev_start is not None:
+                s = max(s, prev_start + D)
+                if R == 1:
+                    s = max(s, prev_start + 2 + mac_stages)
+                stall += max(0, s - (prev_start + D))
+            else:
+                first = s - 1
+            if c == 0:
+                s = max(s, bank_free[j % 2])
+                bias_free = s
+            prev_start = s
+        col_done = s + D + mac_stages + 1
+        e_start = max(col_done, epi_free)
+        epi_free = e_start + R + 1
+        bank_free[j % 2] = e_start + R + 2
+        last_y = e_start + R + epi_latency - 1
+    return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall, loader), used
 
 
 def epi_cycles(g, gelu: bool) -> int:
@@ -407,6 +463,11 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
     # 1. every execution as (rows to emit, hide): the first row takes the instruction's fetch;
     #    hide = cycles after its last DRAM read beat (None: the successor is fetched in FETCH)
     execs_in_order: list[tuple[list, int | None]] = []
+    # expert-weight streaming (hw.weight_fifo_beats): per execution index, None / "capture" (the
+    # first iteration's last body instruction) / a dict of the streamed LINEAR
+    marks: list = []
+    SD = getattr(hwcfg, "weight_fifo_beats", 0)
+    lay = _geometry(qcfg, hwcfg).layout
 
     for pc, (ins, name) in enumerate(zip(prog.instrs, prog.names)):
         tr = traffic.per_instr[pc]
@@ -422,6 +483,7 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
         fb = tr.fetch_bytes // max(1, tr.executions)
         op = ins.op
         per_pc = []
+        lin_info = {}
         for expert, qlen in execs:
             kw = dict(read=rd, write=wr, fetch=fb)
             if op is Op.LINEAR:
@@ -435,6 +497,8 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                 per_pc.append(([(name, _linear_type(name), pc, s,
                                  dict(macs=n_rows * ins.k * ins.n, expert=expert, nrows=n_rows, k=ins.k,
                                       n=ins.n, **kw))], tail))
+                lin_info[len(per_pc) - 1] = {"rows": n_rows, "k": ins.k, "n": ins.n, "mode": mode,
+                                             "beats": -(-rd // B), "fetch": fb}
             elif op is Op.ATTENTION:
                 a = attention_op_cycles(cfg, qcfg, hwcfg)
                 heads = ins.arg
@@ -479,13 +543,20 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
             else:
                 raise PerfModelError(f"pc {pc}: opcode {op.name} has no cycle model")
         if in_body:
-            body.append(per_pc)
+            body.append((per_pc, lin_info, op))
             if body_left == 0:           # the body runs expert by expert: interleave
+                streams = (SD and len(body) <= 2 and len(cur_queues) >= 2
+                           and all(o is Op.LINEAR and all(v["beats"] <= SD for v in li.values())
+                                   for _, li, o in body))
                 for i in range(len(cur_queues)):
-                    execs_in_order.extend(b[i] for b in body)
+                    for j, (b, li, _) in enumerate(body):
+                        execs_in_order.append(b[i])
+                        marks.append(None if not streams or (i == 0 and j < len(body) - 1)
+                                     else "capture" if i == 0 else li[i])
                 body = []
         else:
             execs_in_order.extend(per_pc)
+            marks.extend([None] * len(per_pc))
         if op is Op.EXPERT_LOOP:
             cur_queues = queues[_block(name)]
             body_left = ins.arg
@@ -496,9 +567,22 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
     L = hwcfg.dram_latency_cycles
     ins_beats = stretch(-(-INSTR_BYTES // B), rate)
     prev = None          # (hide, run, lets the next one's data go early) of the predecessor
-    for rws, hide in execs_in_order:
+    g = _geometry(qcfg, hwcfg)
+    now = 0              # cycles since the start: the streamer's clock
+    st = None            # streaming loop state: port free, last request, FIFO room frees
+    fetch_saved = 0
+    for (rws, hide), mark in zip(execs_in_order, marks):
         first_type = rws[0][1]
         saved = 0
+        if isinstance(mark, dict):
+            split, hide = _streamed_linear(mark, st, now, hwcfg, qcfg, g, lay, SD, assume, rate)
+            name, type_, pc, _, kw = rws[0]
+            kw = {**kw, "fetch": 0}        # replayed from the held body: no fetch
+            fetch_saved += mark["fetch"]
+            row(name, type_, pc, split, **kw)
+            now += split["cycles"]
+            prev = (hide, split["cycles"], True)
+            continue
         if not (assume.prefetch and assume.early_data) or prev is None or prev[0] is None:
             f_dram, f_over = fetch_cycles(hwcfg, assume, None if prev is None else prev[0])
         else:
@@ -515,13 +599,59 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                          "dram_wait": split["dram_wait"] + f_dram - saved, "overhead": split["overhead"] + f_over}
             row(name, type_, pc, split, **kw)
         run = sum(r[3]["cycles"] for r in rws) - saved       # its own cycles, without the fetch
+        total = sum(r["cycles"] for r in rows_out[-len(rws):])
+        if mark == "capture":
+            # the streamer starts behind this instruction's own weight read, which ends `hide`
+            # cycles before it retires
+            st = {"port": now + total - hide, "req": now + total - run, "requested": 0, "frees": []}
+        now += total
         prev = (hide, run, first_type not in NO_EARLY_AFTER)
 
     return _summarise(cfg, qcfg, hwcfg, rows_out, traffic, routing_source or "given routing",
-                      assume, rate)
+                      assume, rate, fetch_saved)
 
 
-def _summarise(cfg, qcfg, hwcfg, rows, traffic, routing_source, assume, rate) -> dict:
+def _streamed_linear(info, st, now, hwcfg, qcfg, g, lay, SD, assume, rate) -> tuple[dict, int]:
+    """One streamed LINEAR (hw/accel.py's expert-weight streamer) whose instruction starts `now`:
+    its weights were requested as soon as the FIFO had room for all of them (room frees as
+    earlier layers take their beats; requests at least STREAM_REQ_GAP apart), and arrive behind
+    the port's earlier beats, a first-beat latency after the request. Updates st.
+    -> (split, cycles after its last beat arrives)."""
+    from edgemoe.quant.linear import get_mode
+    n = info["beats"]
+    md = get_mode(info["mode"])
+    L = hwcfg.dram_latency_cycles
+    need = st["requested"] + n - SD          # beats that must have been taken before the request
+    t_room = 0
+    if need > 0:
+        acc = 0
+        for t, k in sorted(st["frees"]):
+            acc += k
+            if acc >= need:
+                t_room = t
+                break
+    req = max(st["req"] + STREAM_REQ_GAP, t_room)
+    st["requested"] += n
+    st["req"] = req
+    start = max(now + assume.early_decode_cycles, req + STREAM_REQ_GAP)   # ISSUE waits for it
+    first = max(st["port"], req + L)
+    arrive = [first + stretch(b + 1, rate) - 1 for b in range(n)]
+    if n:
+        st["port"] = arrive[-1] + 1
+    bias_beats = lay.bias_beats if lay.has_header(md.bias) else 0
+    shape = (info["rows"], lay.chunks(info["k"]), lay.tiles(info["n"]), lay.tile_beats, bias_beats,
+             g.mac_stages, epi_cycles(g, md.gelu))
+    sch, used = linear_schedule_fed(*shape, lambda b: arrive[b] - start)
+    ideal, _ = linear_schedule_fed(*shape, lambda b: 0)
+    st["frees"].extend((start + t, k) for t, k in used)
+    done = (start - now) + sch.cycles
+    wait = (sch.cycles - ideal.cycles) + (start - now - assume.early_decode_cycles)
+    split = {"cycles": done, "compute": sch.compute_cycles, "dram_wait": wait,
+             "overhead": done - sch.compute_cycles - wait}
+    return split, max(0, now + done - st["port"])
+
+
+def _summarise(cfg, qcfg, hwcfg, rows, traffic, routing_source, assume, rate, fetch_saved=0) -> dict:
     by_type = {}
     for t in CYCLE_TYPES:
         rs = [r for r in rows if r["type"] == t]
@@ -541,9 +671,9 @@ def _summarise(cfg, qcfg, hwcfg, rows, traffic, routing_source, assume, rate) ->
     tot["peak_mac_cycles"] = sum(r["peak_macs_per_cycle"] * r["cycles"] for r in rows)
     tot["mac_utilisation"] = tot["macs"] / tot["peak_mac_cycles"]
     tot["macs_per_cycle"] = tot["macs"] / tot["cycles"]
-    tot["dram_read_bytes"] = traffic.total_read
+    tot["dram_read_bytes"] = traffic.total_read - fetch_saved     # streamed loops fetch once
     tot["dram_write_bytes"] = traffic.write
-    tot["dram_bytes"] = traffic.total_read + traffic.write
+    tot["dram_bytes"] = tot["dram_read_bytes"] + traffic.write
     tot["dram_gbps_average"] = tot["dram_bytes"] / (tot["ms"] * 1e-3) / 1e9
     for t in by_type.values():
         t["share"] = t["cycles"] / tot["cycles"]

@@ -236,6 +236,13 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
     units["buffers"] = {"lut": 0, "ff": 0, "dsp": 0,
                         "bram36": sum(b.bram36 for b in plan.buffers if b.name not in ("S", "SM")),
                         "source": "edgemoe.quant.compiler.buffer_plan: X, H, W, L, Q"}
+    if hw.weight_fifo_beats:
+        from edgemoe.quant.compiler import memory_bram36
+        # hw/accel.py's weight FIFO: beats + an error bit; the loop body registers (2 x 256 FF)
+        units["weight_fifo"] = {"lut": 200, "ff": 600, "dsp": 0,
+                                "bram36": memory_bram36(hw.axi_data_bits + 1, hw.weight_fifo_beats),
+                                "source": f"weight FIFO {hw.weight_fifo_beats} x {hw.axi_data_bits + 1} bits "
+                                          "(BRAM as bram36(); pointers and loop-body registers: ASSUMPTION)"}
     return units
 
 

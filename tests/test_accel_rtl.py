@@ -11,7 +11,8 @@ from edgemoe.quant.config import get_quant_preset
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, seed=0, axi_bits=None):
+def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, seed=0, axi_bits=None,
+                 **hw_kw):
     from edgemoe.quant.compiler import compile_program, synthetic_state_dict
     from edgemoe.quant.qweights import quantize_weights
     cfg = get_preset("tiny")
@@ -19,6 +20,7 @@ def tiny_program(tmp_path, hw="small-8x8", quant="edge-moe-fixed", tokens=16, se
     h = get_hw_preset(hw).replace(act_buffer_tokens=tokens)
     if axi_bits is not None:
         h = h.replace(axi_data_bits=axi_bits)
+    h = h.replace(**hw_kw)
     prog = compile_program(cfg, q, h, quantize_weights(cfg, q, synthetic_state_dict(cfg, seed)))
     path = prog.save(tmp_path / "prog")
     return cfg, q, h, prog, path
@@ -116,6 +118,34 @@ def test_accel_errors_match_interpreter(tmp_path, axi_bits):
     assert got == expected, res["errors"]
     r = res["tasks"][cfg.tasks[0]]
     assert r["mismatches"] == 0 and r["instructions"] == r["golden_instructions"]
+
+
+def test_accel_streaming_errors_match_interpreter(tmp_path):
+    """Errors inside a streamed expert loop (HWConfig.weight_fifo_beats): the weights of a later
+    expert outside the memory (SLVERR on beats the streamer fetched ahead into the FIFO) and a
+    later expert's unaligned weights (the streamer stops before it) stop the RTL with the
+    executor's ERROR_CODE and ERROR_PC; a clean run follows bit-exact with the executor's bytes."""
+    from conftest import cached_accel_verilog
+    from edgemoe.quant.program import ERR_ADDRESS
+    from edgemoe.sim.runner import run_cocotb
+    cfg, q, h, prog, path = tiny_program(tmp_path, weight_fifo_beats=2048)
+    pc1, pc2 = prog.names.index("blocks.1.mlp.expert_fc1"), prog.names.index("blocks.3.mlp.expert_fc2")
+    i1, i2 = prog.instrs[pc1], prog.instrs[pc2]
+    cases = [(pc1, _patched_words(prog, pc1, stride=0x0800_0000)),     # expert >= 1 beyond the memory
+             (pc2, _patched_words(prog, pc2, stride=i2.stride + 4))]    # expert >= 1 unaligned
+    assert i1.stride and i2.stride
+    rng = np.random.default_rng(1)
+    image = rng.normal(0, 1, size=(cfg.in_chans, cfg.img_h, cfg.img_w)).astype(np.float32)
+    expected = [_interpreter_error(prog, pc, w, image) for pc, w in cases]
+    assert [e[0] for e in expected] == [ERR_ADDRESS, ERR_ADDRESS] and [e[1] for e in expected] == [pc1, pc2]
+    res = run_cocotb(cached_accel_verilog(cfg, q, h), "edgemoe_accel", "edgemoe.sim.tb_accel",
+                     tb_config={"program": str(path), "tasks": [cfg.tasks[0]],
+                                "errors": [{"pc": pc, "words": w} for pc, w in cases]},
+                     timeout_s=1200)
+    assert [(e["code"], e["error_pc"]) for e in res["errors"]] == expected, res["errors"]
+    r = res["tasks"][cfg.tasks[0]]
+    assert r["mismatches"] == 0 and r["instructions"] == r["golden_instructions"]
+    assert r["dram_bytes_read"] == r["golden_read"]
 
 
 def test_eval_rtl_equals_golden():
