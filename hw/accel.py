@@ -690,7 +690,10 @@ class Accelerator(wiring.Component):
             with m.State("EXEC"):
                 # the pc after this instruction: back to the loop start while experts remain
                 npc = Mux(at_loop_end & ex_found, loop_start, pc + 1)
-                finishing = (engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle & ~rd_cmd_valid
+                # a streamer request still waiting for the AXI master does not hold the retire
+                # when the next instruction comes from lb (nothing writes rd_cmd before it)
+                finishing = ((engine_done | stored_done) & ~wr_cmd_valid & axim.wr_idle
+                             & (~rd_cmd_valid | (stream_on & npc_in_body)))
                 m.d.comb += pf_wait.eq(pf_state == 1)
                 # the next instruction is requested as soon as this one's reads are (its beats
                 # follow them); not in the retire cycle itself (FETCH would then see two)

@@ -182,17 +182,44 @@ def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int,
     load (bias: `bias_load`, 0 without bias) and each row chunk `row_cycles` cycles. With
     tile_load = tile_beats, bias_load = bias_beats, row_cycles = 1 it gives sim.perf's cycles
     exactly (tests/test_perf_model.py checks it); used for r < 1 and for A.V."""
-    R = rows
-    D = R * row_cycles
+    return _tile_schedule(rows * row_cycles, rows, kc, nc, mac_stages, epi_latency, bool(bias_load),
+                          lambda t0: t0 + bias_load, lambda t0: t0 + tile_load)
+
+
+def linear_schedule_fed(rows: int, kc: int, nc: int, tile_beats: int, bias_beats: int,
+                        mac_stages: int, epi_latency: int, ready) -> tuple[Schedule, list]:
+    """linear_schedule at one beat per cycle for a layer whose weight beats come from the weight
+    FIFO: beat b (stream order: per column its header, then its kc tiles) can be taken no earlier
+    than ready(b) (cycles from the command; <= 0: already there). -> (Schedule, [(cycle a load
+    ends, beats it took)]) -- the FIFO room each load frees."""
+    b, used = 0, []
+
+    def load(n):
+        def f(t0):
+            nonlocal b
+            end = max(t0 + n, ready(b + n - 1) + 1)
+            b += n
+            used.append((end, n))
+            return end
+        return f
+
+    sch = _tile_schedule(rows, rows, kc, nc, mac_stages, epi_latency, bool(bias_beats),
+                         load(bias_beats), load(tile_beats))
+    return sch, used
+
+
+def _tile_schedule(D, R, kc, nc, mac_stages, epi_latency, has_bias, load_bias, load_tile) -> Schedule:
+    """The compute unit's ping-pong schedule: passes of D cycles over R rows; load_bias(t0) /
+    load_tile(t0): the cycle a header / tile load that may start at t0 ends."""
     loader, prev_start, bias_free, epi_free, last_y, stall = 1, None, 0, 0, 0, 0
     bank_free = [0, 0]
     s = first = 0
     for j in range(nc):
         for c in range(kc):
-            if c == 0 and bias_load:
-                loader = max(loader, bias_free) + bias_load
+            if c == 0 and has_bias:
+                loader = load_bias(max(loader, bias_free))
             t0 = loader if prev_start is None else max(loader, prev_start)
-            loader = t0 + tile_load
+            loader = load_tile(t0)
             s = loader
             if prev_start is not None:
                 s = max(s, prev_start + D)
@@ -211,53 +238,6 @@ def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int,
         bank_free[j % 2] = e_start + R + 2
         last_y = e_start + R + epi_latency - 1
     return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall, loader)
-
-
-def linear_schedule_fed(rows: int, kc: int, nc: int, tile_beats: int, bias_beats: int,
-                        mac_stages: int, epi_latency: int, ready) -> tuple[Schedule, list]:
-    """linear_schedule at one beat per cycle for a layer whose weight beats come from the weight
-    FIFO: beat b (stream order: per column its header, then its kc tiles) can be taken no earlier
-    than ready(b) (cycles from the command; <= 0: already there). -> (Schedule, [(cycle a load
-    ends, beats it took)]) -- the FIFO room each load frees."""
-    R = rows
-    D = R * 1
-    loader, prev_start, bias_free, epi_free, last_y, stall = 1, None, 0, 0, 0, 0
-    bank_free = [0, 0]
-    s = first = 0
-    b = 0
-    used = []
-
-    def load(t0, n):
-        nonlocal b
-        end = max(t0 + n, ready(b + n - 1) + 1)
-        b += n
-        used.append((end, n))
-        return end
-
-    for j in range(nc):
-        for c in range(kc):
-            if c == 0 and bias_beats:
-                loader = load(max(loader, bias_free), bias_beats)
-            t0 = loader if prev_start is None else max(loader, prev_start)
-            loader = load(t0, tile_beats)
-            s = loader
-            if prev_start is not None:
-                s = max(s, prev_start + D)
-                if R == 1:
-                    s = max(s, prev_start + 2 + mac_stages)
-                stall += max(0, s - (prev_start + D))
-            else:
-                first = s - 1
-            if c == 0:
-                s = max(s, bank_free[j % 2])
-                bias_free = s
-            prev_start = s
-        col_done = s + D + mac_stages + 1
-        e_start = max(col_done, epi_free)
-        epi_free = e_start + R + 1
-        bank_free[j % 2] = e_start + R + 2
-        last_y = e_start + R + epi_latency - 1
-    return Schedule(last_y + 1, nc * kc, nc * kc * D, first, stall, loader), used
 
 
 def epi_cycles(g, gelu: bool) -> int:
