@@ -281,7 +281,8 @@ def calibration_hessians(cfg, qcfg: QuantConfig, folded: dict, act: ActScales, i
     """H = X^T X of every linear layer's float input over the calibration images and tasks, keyed
     by weight key (experts: [E, K, K], each expert over the tokens the float router gives it).
     The router of gating "task_cond" sees its task-embedding columns at the LN output's scale
-    (as quantize_channel rescales those weight columns)."""
+    (as quantize_channel rescales those weight columns). quantize_channel passes the default
+    calibration images, also when the caller gave its own activation scales."""
     import torch
     import torch.nn.functional as F
 

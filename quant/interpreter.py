@@ -206,7 +206,7 @@ class Machine:
         """hw/accel.py's expert-weight streamer takes this loop (HWConfig.weight_fifo_beats > 0, a
         body of one or two LINEARs of at most that many beats each): from the second expert on,
         the body is replayed from on-chip registers, so its instructions are not fetched again."""
-        D = getattr(self.hw, "weight_fifo_beats", 0)
+        D = self.hw.weight_fifo_beats
         if not D or len(body) > 2:
             return False
         for b in body:

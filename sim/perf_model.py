@@ -446,7 +446,7 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
     # expert-weight streaming (hw.weight_fifo_beats): per execution index, None / "capture" (the
     # first iteration's last body instruction) / a dict of the streamed LINEAR
     marks: list = []
-    SD = getattr(hwcfg, "weight_fifo_beats", 0)
+    SD = hwcfg.weight_fifo_beats
     lay = _geometry(qcfg, hwcfg).layout
 
     for pc, (ins, name) in enumerate(zip(prog.instrs, prog.names)):
