@@ -17,25 +17,32 @@ Data flow (one layer; n tokens, H heads, head_dim dh, P = hwcfg.attn_p, lanes = 
          counter reaches o. Each busy lane computes q_row . k_key over dh in one cycle (dh
          multipliers per lane) and the score is requantized to `score`. The P scores of a cycle
          form one beat of hw/softmax.SoftmaxStats (lane o = lane o, rows in row_key_order(n, P)
-         order, as the golden model's online softmax), whose (recip, m, row) outputs are stored
-         in an n-entry stats memory.
-  AV     once all n rows' stats are in, the same schedule runs again: the dot lanes recompute the
-         scores (Q.K^T twice) and each lane's score goes through its own 1-lane
-         hw/softmax_norm.SoftmaxNorm with the (m, recip) of the lane's row, read from the stats
-         memory with the row's Q block; p . V[key] accumulates over the row's n keys into dh
-         accumulators per lane (the V block of the key is read once per cycle, like K), and the
-         finished row is requantized to act and streamed out with its (head, row) tag.
-Why recompute instead of an n x n score buffer: the QK lanes produce scores column-wise (P rows,
-one key per cycle) while the normaliser wants them row-wise, so a buffer would need a transpose
-(banked, P write ports) and n*n*score.bits per head; recomputing costs one more pass of the
-same schedule and keeps the read bandwidth at one K, one V and at most one Q block per cycle in
-both passes, whatever P is. Why per-lane 1-lane normalisers rather than one L-lane beat per row:
-in the reorder every lane holds a different row, each with its own (m, recip) -- exactly the
-case SoftmaxNorm handles one row per beat; P 1-lane instances keep one probability per lane per
-cycle. Padding never occurs (a lane without a row is masked by its `active` flag).
+         order, as the golden model's online softmax), whose (recip, m, row) outputs go to the
+         stats memory, and one word of the score memory (address = the schedule cycle).
+  AV     once all n rows' stats are in, a second copy of the schedule runs the same order again:
+         each lane's score, read back from the score memory, goes through its own 1-lane
+         hw/softmax_norm.SoftmaxNorm with the (m, recip) of the lane's row (read from the stats
+         memory when the row starts); p . V[key] accumulates over the row's n keys into dh
+         accumulators per lane (the V block of the key is read once per cycle, as K is in QK), and
+         the finished row is requantized to act and streamed out with its (head, row) tag.
+  Overlap: the score and stats memories have two banks (head parity), so the AV pass of head h
+         runs beside the QK pass of head h + 1 on their own lanes (QK: the dot products, AV: the
+         normalisers and the p * V multipliers). QK of head h + 2 waits until AV of head h has
+         issued its last cycle (it overwrites that bank). A layer takes about H + 1 schedule
+         passes instead of 2 H.
+Why a score memory in schedule order: the QK lanes produce scores column-wise (P rows, one key
+per cycle) and the per-lane normalisers consume them in exactly that order, so no transpose is
+needed: C words of lanes * score.bits per bank (C = attention_cycles(n, P): 2,193 x 128 bits at
+n = 129, P = 8, about 8 BRAM36 for both banks). The design before it recomputed Q.K^T in the AV
+pass, which kept the dot lanes busy there and serialised the heads. Why per-lane 1-lane
+normalisers rather than one L-lane beat per row: in the reorder every lane holds a different
+row, each with its own (m, recip) -- exactly the case SoftmaxNorm handles one row per beat; P
+1-lane instances keep one probability per lane per cycle. Padding never occurs (a lane without a
+row is masked by its `active` flag).
 
-Read strobes (for the bandwidth check; one per memory read port): k_rd, q_rd, v_rd, and
-av (1 while the strobes belong to the AV pass). At most one K, one V and one Q block per cycle.
+Read strobes (for the bandwidth check; one per memory read port): k_rd and q_rd (the QK pass),
+v_rd (the AV pass) and av (the AV pass issues this cycle). At most one K, one V and one Q block
+per cycle.
 Exported module `edgemoe_attention`, W = bits of n-1, Hb = bits of heads-1 (both >= 1):
   clk, rst            in  1   sync domain, active-high synchronous reset
   w__valid/ready      in/out  write port (ready only in the LOAD phase)
@@ -47,12 +54,12 @@ Exported module `edgemoe_attention`, W = bits of n-1, Hb = bits of heads-1 (both
   o__payload__row     out W
   o__payload__head    out Hb
   o__payload__data    out dh*act.bits   o[row, head*dh + c] at bits [c*act.bits, ...), signed
-  k_rd, q_rd, v_rd    out 1   a K / Q / V block is read this cycle
-  av                  out 1   the schedule running now is the AV pass
+  k_rd, q_rd, v_rd    out 1   a K / Q (QK pass) / V (AV pass) block is read this cycle
+  av                  out 1   the AV pass issues a schedule cycle this cycle
   sat                 out Sb  saturation events this cycle (registered), Sb = bits of
                               2*lanes + attn_p + 1 + dh: every event Machine._op_attention's
-                              SatCounter counts after attn_in -- score requantize (per score, QK
-                              pass only: the AV pass recomputes the same scores), softmax sum (per
+                              SatCounter counts after attn_in -- score requantize (per score, in
+                              the QK pass; the AV pass reads the stored codes), softmax sum (per
                               score) and recip (per row) from SoftmaxStats.sat, prob (per
                               probability, active lanes only) from SoftmaxNorm.sat_count, output
                               requantize (per output code). A layer's events are all reported by
@@ -60,20 +67,24 @@ Exported module `edgemoe_attention`, W = bits of n-1, Hb = bits of heads-1 (both
 Rows of a head come out in the order they finish (lane o's rows end at distinct cycles), heads
 in order; the consumer places them by tag.
 Throughput: P (query row, key) pairs per cycle in each pass (both passes at utilisation
-schedule_stats(n, P).utilisation), i.e. about 2 n^2 H / P cycles per layer. The output FIFO has room for every row in flight; the AV schedule pauses
-while it is nearly full (output back-pressure).
+schedule_stats(n, P).utilisation), the passes of consecutive heads side by side: about
+(H + 1) n^2 / P cycles per layer. The output FIFO has room for every row in flight; the AV
+schedule pauses while it is nearly full (output back-pressure).
 Latency: a layer takes, from the last write to the last output row, exactly
-H * (2*C + SoftmaxStats.LATENCY + 5) + 11 cycles (sim.perf.attention_cycles_engine) with
-C = attention_cycles(n, P) when the output is never stalled (asserted by the tests; edge-moe
-shape n = 129, H = 3, dh = 64, P = 4: 25,667 cycles, = formula).
-Pipeline: issue (schedule registers, memory addresses) -> s1 read data (resident Q / stats
+sim.perf.attention_passes(...)["cycles"] (sim.perf.attention_cycles_engine: the two sequencers'
+recurrence per head) when the output is never stalled (asserted by the tests for P = 1..8 and
+three heads). Edge-moe shape n = 129, H = 3, P = 8: 8,857 cycles (the recomputing design: 13,283).
+Pipeline: QK: issue (schedule registers, K / Q addresses) -> s1 read data (resident Q
 registers) -> s2 dot products (dh multiplies + adder tree, one cycle) -> s3 score requantize ->
-QK: SoftmaxStats | AV: SoftmaxNorm (6) -> MAC (dh accumulators per lane) -> output register
--> requantize into a 32-deep output FIFO.
+SoftmaxStats and the score memory. AV: issue (score / stats addresses) -> s1 read data (resident
+stats registers) -> SoftmaxNorm (6) -> MAC (dh accumulators per lane; the V block read
+SoftmaxNorm.LATENCY cycles after the issue, so it arrives with the probability) -> output
+register -> requantize into a 32-deep output FIFO.
 Resources (Yosys synth_xilinx xcup, edge-moe-fixed, zcu102-16x16 (P = 4), tiny shape n = 9,
 H = 2, dh = 32; tests/baselines/synth_attention.json): about 30.4k LUT, 17.1k FF, 396 DSP48E2
 (QK: P*dh 24x24 multiplies at two DSPs each = 256, AV: P*dh 17x24 = 128, SoftmaxStats 4,
-SoftmaxNorm 2 per lane), no BRAM (the Q/K/V memories of 18 rows become LUTRAM). DSPs grow as
+SoftmaxNorm 2 per lane), no BRAM (the Q/K/V memories of 18 rows become LUTRAM; measured before
+the score memory, which adds 2 x attention_cycles(n, P) words of P scores). DSPs grow as
 3*P*dh: 768 at the edge-moe shape (dh = 64), about 30 % of an XCZU9EG.
 ECP5-85k out of context: the tiny shape at P = 4 does not fit (784 MULT18X18D needed, 156
 there); P = 1, n = 9, H = 2, dh = 8 reaches about 41 MHz (the one-cycle dot product and the
@@ -91,6 +102,7 @@ from amaranth.lib.wiring import In, Out
 
 from edgemoe.quant.config import QuantConfig
 from edgemoe.quant.fixed import Fmt, FormatError, Overflow, Rounding
+from edgemoe.quant.schedule import attention_cycles
 
 from .config import HWConfig
 from .requant import popcount
@@ -134,6 +146,7 @@ class AttentionEngine(wiring.Component):
         self.n, self.heads, self.dh = n, heads, head_dim
         self.P = hwcfg.attn_p
         self.lanes = min(self.P, n)
+        self.C = attention_cycles(n, self.P)     # schedule cycles of one pass of one head
         self.row_bits = max(1, (n - 1).bit_length())
         self.head_bits = max(1, (heads - 1).bit_length())
         self.m_bits = softmax_m_bits(qcfg)
@@ -188,16 +201,32 @@ class AttentionEngine(wiring.Component):
             m.submodules[f"mem_{nm}"] = mems[nm]
         stat_layout = data.StructLayout({"recip": unsigned(q.recip.bits),
                                          "m": signed(self.m_bits)})
-        smem = Memory(shape=stat_layout, depth=n, init=[])
+        # two banks (head parity): the AV pass of head h reads bank h % 2 while the QK pass of
+        # head h + 1 writes the other one
+        nb = 2 if H > 1 else 1
+        smem = Memory(shape=stat_layout, depth=nb * n, init=[])
         m.submodules.mem_stats = smem
+        # the QK pass's scores of a head, one word of `lanes` scores per schedule cycle, in
+        # schedule order: the AV pass runs the same schedule and reads them back in that order
+        C = self.C
+        score_vec = data.ArrayLayout(signed(q.score.bits), NL)
+        scmem = Memory(shape=score_vec, depth=nb * C, init=[])
+        m.submodules.mem_scores = scmem
+
+        def parity(h):
+            return h[0] if H > 1 else Const(0, 1)
 
         # ---- control --------------------------------------------------------------------------
-        LOAD, QK, WAITS, AV, DRAIN = range(5)
-        phase = Signal(range(5), name="phase", init=LOAD)
-        head = Signal(range(max(H, 2)), name="head")
+        LOAD, COMPUTE = range(2)
+        phase = Signal(range(2), name="phase", init=LOAD)
         wcount = Signal(range(3 * H * n + 1), name="wcount")
         stats_cnt = Signal(range(n + 1), name="stats_cnt")
+        stats_heads = Signal(range(H + 1), name="stats_heads")   # heads whose n stats are in
         out_cnt = Signal(range(H * n + 1), name="out_cnt")
+        qk_run = Signal(name="qk_run")
+        qk_head = Signal(range(max(H, 2)), name="qk_head")
+        av_run = Signal(name="av_run")
+        av_head = Signal(range(H + 1), name="av_head")   # = AV passes finished
 
         # write port
         wp = self.w.payload
@@ -208,180 +237,205 @@ class AttentionEngine(wiring.Component):
             m.d.comb += [port.addr.eq(waddr), port.data.eq(wp.data),
                          port.en.eq(self.w.valid & self.w.ready & (wp.sel == s))]
 
-        # ---- schedule (quant.schedule.attention_schedule as registers) -------------------------
-        key = Signal(range(n), name="key")
-        busy = [Signal(name=f"busy{o}") for o in range(NL)]
-        row = [Signal(range(n), name=f"row{o}") for o in range(NL)]
-        left = [Signal(range(n + 1), name=f"left{o}") for o in range(NL)]
-        nxt = [Signal(range(n + P + 1), name=f"next{o}") for o in range(NL)]
-        pending = Cat(*[busy[o] | (nxt[o] < n) for o in range(NL)]).any()
+        # ---- schedules (quant.schedule.attention_schedule as registers), one per pass --------
+        def schedule(tag, issue):
+            key = Signal(range(n), name=f"key_{tag}")
+            busy = [Signal(name=f"busy_{tag}{o}") for o in range(NL)]
+            row = [Signal(range(n), name=f"row_{tag}{o}") for o in range(NL)]
+            left = [Signal(range(n + 1), name=f"left_{tag}{o}") for o in range(NL)]
+            nxt = [Signal(range(n + P + 1), name=f"next_{tag}{o}") for o in range(NL)]
+            s = {"key": key, "pending": Cat(*[busy[o] | (nxt[o] < n) for o in range(NL)]).any(),
+                 "load": [Signal(name=f"load_{tag}{o}") for o in range(NL)],
+                 "act": [Signal(name=f"act_{tag}{o}") for o in range(NL)],
+                 "cur": [Signal(range(n), name=f"cur_{tag}{o}") for o in range(NL)],
+                 "last": [Signal(name=f"last_{tag}{o}") for o in range(NL)],
+                 "load_row": Signal(range(n), name=f"load_row_{tag}")}
+            for o in range(NL):
+                ld = s["load"][o]
+                m.d.comb += [ld.eq((key == o) & ~busy[o] & (nxt[o] < n)),
+                             s["act"][o].eq(ld | busy[o]),
+                             s["cur"][o].eq(Mux(ld, nxt[o], row[o])),
+                             s["last"][o].eq(s["act"][o] & Mux(ld, n == 1, left[o] == 1))]
+                with m.If(issue):
+                    with m.If(ld):
+                        m.d.sync += [row[o].eq(nxt[o]), nxt[o].eq(nxt[o] + P), left[o].eq(n - 1),
+                                     busy[o].eq(n > 1)]
+                    with m.Elif(busy[o]):
+                        m.d.sync += [left[o].eq(left[o] - 1), busy[o].eq(left[o] != 1)]
+                with m.If(ld):
+                    m.d.comb += s["load_row"].eq(nxt[o])
+            with m.If(issue):
+                m.d.sync += key.eq(Mux(key == n - 1, 0, key + 1))
+            s["any_load"] = Cat(*s["load"]).any()
+
+            def reset():
+                m.d.sync += key.eq(0)
+                for o in range(NL):
+                    m.d.sync += [busy[o].eq(0), nxt[o].eq(o)]
+            s["reset"] = reset
+            return s
+
         fifo = SyncFIFOBuffered(width=len(Signal(self.o_layout).as_value()), depth=self.FIFO_DEPTH)
         m.submodules.fifo = fifo
         room = fifo.level <= self.FIFO_DEPTH - (self.PIPE + self.NORM_LAT + 4)
-        running = (phase == QK) | ((phase == AV) & room)
-        issue = Signal(name="issue")
-        m.d.comb += issue.eq(running & pending)
+        issue_a, issue_b = Signal(name="issue_qk"), Signal(name="issue_av")
+        A = schedule("qk", issue_a)
+        B = schedule("av", issue_b)
+        # QK of head h overwrites the banks AV of head h - 2 reads: it waits for that pass
+        m.d.comb += [issue_a.eq(qk_run & A["pending"] & (qk_head <= av_head + 1)),
+                     issue_b.eq(av_run & B["pending"] & room)]
 
-        load = [Signal(name=f"load{o}") for o in range(NL)]
-        act = [Signal(name=f"act{o}") for o in range(NL)]
-        cur = [Signal(range(n), name=f"cur{o}") for o in range(NL)]
-        last = [Signal(name=f"last{o}") for o in range(NL)]
-        for o in range(NL):
-            m.d.comb += [load[o].eq((key == o) & ~busy[o] & (nxt[o] < n)),
-                         act[o].eq(load[o] | busy[o]),
-                         cur[o].eq(Mux(load[o], nxt[o], row[o])),
-                         last[o].eq(act[o] & Mux(load[o], n == 1, left[o] == 1))]
-            with m.If(issue):
-                with m.If(load[o]):
-                    m.d.sync += [row[o].eq(nxt[o]), nxt[o].eq(nxt[o] + P), left[o].eq(n - 1),
-                                 busy[o].eq(n > 1)]
-                with m.Elif(busy[o]):
-                    m.d.sync += [left[o].eq(left[o] - 1), busy[o].eq(left[o] != 1)]
-        with m.If(issue):
-            m.d.sync += key.eq(Mux(key == n - 1, 0, key + 1))
-        any_load = Cat(*load).any()
-        load_row = Signal(range(n), name="load_row")
-        m.d.comb += load_row.eq(0)
-        for o in range(NL):
-            with m.If(load[o]):
-                m.d.comb += load_row.eq(nxt[o])
-        is_av = phase == AV
-        m.d.comb += [self.k_rd.eq(issue), self.v_rd.eq(issue & is_av),
-                     self.q_rd.eq(issue & any_load), self.av.eq(is_av)]
-
-        def reset_schedule():
-            m.d.sync += key.eq(0)
-            for o in range(NL):
-                m.d.sync += [busy[o].eq(0), nxt[o].eq(o)]
-
-        # phase machine
+        # phase machine and the two pass sequencers
         with m.If(phase == LOAD):
             with m.If(self.w.valid & self.w.ready):
                 m.d.sync += wcount.eq(wcount + 1)
                 with m.If(wcount == 3 * H * n - 1):
-                    m.d.sync += [phase.eq(QK), wcount.eq(0), head.eq(0), out_cnt.eq(0),
-                                 stats_cnt.eq(0)]
-                    reset_schedule()
-        with m.Elif(phase == QK):
-            with m.If(~pending):
-                m.d.sync += phase.eq(WAITS)
-                reset_schedule()
-        with m.Elif(phase == WAITS):
-            with m.If(stats_cnt == n):
-                m.d.sync += [phase.eq(AV), stats_cnt.eq(0)]
-        with m.Elif(phase == AV):
-            with m.If(~pending):
-                reset_schedule()
-                with m.If(head == H - 1):
-                    m.d.sync += phase.eq(DRAIN)
+                    m.d.sync += [phase.eq(COMPUTE), wcount.eq(0), qk_run.eq(1), qk_head.eq(0),
+                                 av_run.eq(0), av_head.eq(0), out_cnt.eq(0), stats_cnt.eq(0),
+                                 stats_heads.eq(0)]
+                    A["reset"]()
+                    B["reset"]()
+        with m.Else():
+            with m.If(qk_run & ~A["pending"]):
+                A["reset"]()
+                with m.If(qk_head == H - 1):
+                    m.d.sync += qk_run.eq(0)
                 with m.Else():
-                    m.d.sync += [phase.eq(QK), head.eq(head + 1)]
-        with m.Elif(phase == DRAIN):
+                    m.d.sync += qk_head.eq(qk_head + 1)
+            with m.If(av_run & ~B["pending"]):
+                B["reset"]()
+                m.d.sync += [av_run.eq(0), av_head.eq(av_head + 1)]
+            with m.Elif(~av_run & (av_head < H) & (stats_heads > av_head)):
+                m.d.sync += av_run.eq(1)
             with m.If(out_cnt == H * n):
                 m.d.sync += phase.eq(LOAD)
-        with m.Else():
-            m.d.sync += phase.eq(LOAD)
+        m.d.comb += [self.k_rd.eq(issue_a), self.q_rd.eq(issue_a & A["any_load"]),
+                     self.av.eq(issue_b)]
 
-        # memory reads (synchronous: data in stage 1)
-        base = head * n
-        rk, rv, rq = (mems[nm].read_port(domain="sync") for nm in ("k", "v", "q"))
-        rs = smem.read_port(domain="sync")
-        m.d.comb += [rk.addr.eq(base + key), rv.addr.eq(base + key), rq.addr.eq(base + load_row),
-                     rs.addr.eq(load_row), rk.en.eq(1), rv.en.eq(1), rq.en.eq(1), rs.en.eq(1)]
-
-        # ---- stage 1: operands ---------------------------------------------------------------
+        # ---- QK pass: issue -> s1 operands -> s2 dot products -> s3 scores ----------------------
+        rk, rq = mems["k"].read_port(domain="sync"), mems["q"].read_port(domain="sync")
+        base_a = qk_head * n
+        m.d.comb += [rk.addr.eq(base_a + A["key"]), rq.addr.eq(base_a + A["load_row"]),
+                     rk.en.eq(1), rq.en.eq(1)]
         v1 = Signal(name="v1")
-        av1 = reg("av1", 1)
         h1 = reg("head1", Hb)
-        m.d.sync += [v1.eq(issue), av1.eq(is_av), h1.eq(head)]
+        m.d.sync += [v1.eq(issue_a), h1.eq(qk_head)]
         fl1 = [reg(f"fl1_{o}", 3) for o in range(NL)]      # active, first, last
         rw1 = [reg(f"row1_{o}", Wr) for o in range(NL)]
         for o in range(NL):
-            m.d.sync += [fl1[o].eq(Cat(act[o] & issue, load[o], last[o])), rw1[o].eq(cur[o])]
-        qreg = [reg(f"qres_{o}", vec) for o in range(NL)]
-        sreg = [reg(f"sres_{o}", stat_layout) for o in range(NL)]
-        qe_l, se_l = [], []
-        for o in range(NL):
-            qe = Signal(vec, name=f"qeff_{o}")
-            se = Signal(stat_layout, name=f"seff_{o}")
-            m.d.comb += [qe.eq(Mux(fl1[o][1], rq.data, qreg[o])),
-                         se.eq(Mux(fl1[o][1], rs.data, sreg[o]))]
-            with m.If(v1 & fl1[o][1]):
-                m.d.sync += [qreg[o].eq(rq.data), sreg[o].eq(rs.data)]
-            qe_l.append(qe)
-            se_l.append(se)
+            m.d.sync += [fl1[o].eq(Cat(A["act"][o] & issue_a, A["load"][o], A["last"][o])),
+                         rw1[o].eq(A["cur"][o])]
+        def resident(name, shape, first, valid, rdata):
+            """A lane's operand held for its row: the read data on the row's first cycle (and
+            kept in a register), the register after that."""
+            r_, e_ = reg(f"{name}res", shape), Signal(shape, name=f"{name}eff")
+            m.d.comb += e_.eq(Mux(first, rdata, r_))
+            with m.If(valid & first):
+                m.d.sync += r_.eq(rdata)
+            return e_
 
-        # ---- stage 2: dot products --------------------------------------------------------------
+        qe_l = [resident(f"q{o}_", vec, fl1[o][1], v1, rq.data) for o in range(NL)]
+
         dbits = 2 * ain.bits + max(1, (dh - 1).bit_length()) + 1
         v2 = Signal(name="v2")
-        av2, h2 = reg("av2", 1), reg("head2", Hb)
-        m.d.sync += [v2.eq(v1), av2.eq(av1), h2.eq(h1)]
+        h2 = reg("head2", Hb)
+        m.d.sync += [v2.eq(v1), h2.eq(h1)]
         dot2 = [reg(f"dot2_{o}", signed(dbits)) for o in range(NL)]
         fl2 = [reg(f"fl2_{o}", 3) for o in range(NL)]
         rw2 = [reg(f"row2_{o}", Wr) for o in range(NL)]
-        st2 = [reg(f"st2_{o}", stat_layout) for o in range(NL)]
-        vb2 = reg("vblk2", vec)
-        m.d.sync += vb2.eq(rv.data)
         for o in range(NL):
             acc = qe_l[o][0] * rk.data[0]
             for c in range(1, dh):
                 acc = acc + qe_l[o][c] * rk.data[c]
-            m.d.sync += [dot2[o].eq(acc), fl2[o].eq(fl1[o]), rw2[o].eq(rw1[o]), st2[o].eq(se_l[o])]
+            m.d.sync += [dot2[o].eq(acc), fl2[o].eq(fl1[o]), rw2[o].eq(rw1[o])]
 
-        # ---- stage 3: score ----------------------------------------------------------------------
         v3 = Signal(name="v3")
-        av3, h3 = reg("av3", 1), reg("head3", Hb)
-        m.d.sync += [v3.eq(v2), av3.eq(av2), h3.eq(h2)]
+        h3 = reg("head3", Hb)
+        m.d.sync += [v3.eq(v2), h3.eq(h2)]
         sc3 = [reg(f"score3_{o}", signed(q.score.bits)) for o in range(NL)]
-        sov3 = [reg(f"score_sat3_{o}", 1) for o in range(NL)]   # counted in the QK pass only
+        sov3 = [reg(f"score_sat3_{o}", 1) for o in range(NL)]
         fl3 = [reg(f"fl3_{o}", 3) for o in range(NL)]
         rw3 = [reg(f"row3_{o}", Wr) for o in range(NL)]
-        st3 = [reg(f"st3_{o}", stat_layout) for o in range(NL)]
-        vb3 = reg("vblk3", vec)
-        m.d.sync += vb3.eq(vb2)
         for o in range(NL):
             sc, ov = requant_signed(dot2[o], self.score_shift, q.score, q.rounding, q.overflow)
-            m.d.sync += [sc3[o].eq(sc), sov3[o].eq(v2 & ~av2 & fl2[o][0] & ov),
-                         fl3[o].eq(fl2[o]), rw3[o].eq(rw2[o]), st3[o].eq(st2[o])]
+            m.d.sync += [sc3[o].eq(sc), sov3[o].eq(v2 & fl2[o][0] & ov),
+                         fl3[o].eq(fl2[o]), rw3[o].eq(rw2[o])]
 
-        # QK pass -> SoftmaxStats (its input is always ready here: at most one row ends per
+        # scores -> the score memory (bank = head parity, address = the head's schedule cycle)
+        widx = Signal(range(C), name="score_widx")
+        sw_ = scmem.write_port()
+        m.d.comb += [sw_.addr.eq(parity(h3) * C + widx), sw_.en.eq(v3)]
+        m.d.comb += [sw_.data[o].eq(sc3[o]) for o in range(NL)]
+        with m.If(v3):
+            m.d.sync += widx.eq(Mux(widx == C - 1, 0, widx + 1))
+        with m.If((phase == LOAD) & self.w.valid & self.w.ready & (wcount == 3 * H * n - 1)):
+            m.d.sync += widx.eq(0)
+
+        # scores -> SoftmaxStats (its input is always ready here: at most one row ends per
         # cycle and its output is always taken, so no hold register ever blocks)
         sp = st.i.payload
-        m.d.comb += [st.i.valid.eq(v3 & ~av3), sp.head.eq(h3), st.o.ready.eq(1)]
+        m.d.comb += [st.i.valid.eq(v3), sp.head.eq(h3), st.o.ready.eq(1)]
         for o in range(NL):
             m.d.comb += [sp.score[o].eq(sc3[o]), sp.active[o].eq(fl3[o][0]),
                          sp.first[o].eq(fl3[o][1]), sp.last[o].eq(fl3[o][2]), sp.row[o].eq(rw3[o])]
-        sw = smem.write_port()
-        m.d.comb += [sw.addr.eq(st.o.payload.row), sw.data.recip.eq(st.o.payload.recip),
-                     sw.data.m.eq(st.o.payload.m), sw.en.eq(st.o.valid)]
+        swp = smem.write_port()
+        m.d.comb += [swp.addr.eq(parity(st.o.payload.head) * n + st.o.payload.row),
+                     swp.data.recip.eq(st.o.payload.recip), swp.data.m.eq(st.o.payload.m),
+                     swp.en.eq(st.o.valid)]
         with m.If(st.o.valid):
-            m.d.sync += stats_cnt.eq(stats_cnt + 1)
+            with m.If(stats_cnt == n - 1):
+                m.d.sync += [stats_cnt.eq(0), stats_heads.eq(stats_heads + 1)]
+            with m.Else():
+                m.d.sync += stats_cnt.eq(stats_cnt + 1)
 
-        # AV pass -> per-lane SoftmaxNorm (never stalled: o.ready = 1, fixed latency)
-        dl_v = [v3 & av3]
-        dl_h, dl_vb = [h3], [vb3]
-        dl_fl, dl_rw = [[fl3[o]] for o in range(NL)], [[rw3[o]] for o in range(NL)]
+        # ---- AV pass: issue (score and stats reads) -> s1 -> SoftmaxNorm -> MAC ----------------
+        rsc = scmem.read_port(domain="sync", transparent_for=())
+        rs = smem.read_port(domain="sync", transparent_for=())
+        ridx = Signal(range(C), name="score_ridx")
+        m.d.comb += [rsc.addr.eq(parity(av_head) * C + ridx), rsc.en.eq(1),
+                     rs.addr.eq(parity(av_head) * n + B["load_row"]), rs.en.eq(1)]
+        with m.If(issue_b):
+            m.d.sync += ridx.eq(Mux(ridx == C - 1, 0, ridx + 1))
+        with m.If(phase == LOAD):
+            m.d.sync += ridx.eq(0)
+        vb1 = Signal(name="vb1")
+        hb1 = reg("headb1", Hb)
+        m.d.sync += [vb1.eq(issue_b), hb1.eq(av_head)]
+        flb1 = [reg(f"flb1_{o}", 3) for o in range(NL)]
+        rwb1 = [reg(f"rowb1_{o}", Wr) for o in range(NL)]
+        for o in range(NL):
+            m.d.sync += [flb1[o].eq(Cat(B["act"][o] & issue_b, B["load"][o], B["last"][o])),
+                         rwb1[o].eq(B["cur"][o])]
+        for o in range(NL):
+            se = resident(f"s{o}_", stat_layout, flb1[o][1], vb1, rs.data)
+            nm = norms[o]
+            m.d.comb += [nm.i.valid.eq(vb1), nm.i.payload.score[0].eq(rsc.data[o]),
+                         nm.i.payload.m.eq(se.m), nm.i.payload.recip.eq(se.recip),
+                         nm.o.ready.eq(1)]
+        # tags ride along with the normalisers; the V block is read NORM_LAT cycles after the
+        # issue so that it arrives with the probabilities (no dh-wide delay registers)
+        dl_v, dl_h = [vb1], [hb1]
+        dl_fl, dl_rw = [[flb1[o]] for o in range(NL)], [[rwb1[o]] for o in range(NL)]
+        vk = [(issue_b, av_head, B["key"])]
         for k in range(self.NORM_LAT):
             nv = Signal(name=f"dv{k}")
-            m.d.sync += nv.eq(dl_v[-1])
+            nh = reg(f"dh{k}", Hb)
+            m.d.sync += [nv.eq(dl_v[-1]), nh.eq(dl_h[-1])]
             dl_v.append(nv)
-            nh, nvb = reg(f"dh{k}", Hb), reg(f"dvb{k}", vec)
-            m.d.sync += [nh.eq(dl_h[-1]), nvb.eq(dl_vb[-1])]
             dl_h.append(nh)
-            dl_vb.append(nvb)
             for o in range(NL):
                 f, r = reg(f"dfl{k}_{o}", 3), reg(f"drw{k}_{o}", Wr)
                 m.d.sync += [f.eq(dl_fl[o][-1]), r.eq(dl_rw[o][-1])]
                 dl_fl[o].append(f)
                 dl_rw[o].append(r)
-        for o in range(NL):
-            nm = norms[o]
-            m.d.comb += [nm.i.valid.eq(v3 & av3), nm.i.payload.score[0].eq(sc3[o]),
-                         nm.i.payload.m.eq(st3[o].m), nm.i.payload.recip.eq(st3[o].recip),
-                         nm.o.ready.eq(1)]
+            kv, kh, kk = Signal(name=f"vk_v{k}"), reg(f"vk_h{k}", Hb), reg(f"vk_k{k}", Wr)
+            m.d.sync += [kv.eq(vk[-1][0]), kh.eq(vk[-1][1]), kk.eq(vk[-1][2])]
+            vk.append((kv, kh, kk))
+        rv = mems["v"].read_port(domain="sync")
+        m.d.comb += [rv.addr.eq(vk[-1][1] * n + vk[-1][2]), rv.en.eq(1), self.v_rd.eq(vk[-1][0])]
 
         # ---- MAC: o[row] += p * V[key] ---------------------------------------------------------
-        vm, hm, vbm = dl_v[-1], dl_h[-1], dl_vb[-1]
+        vm, hm, vbm = dl_v[-1], dl_h[-1], rv.data
         abits = q.prob.bits + ain.bits + max(1, n.bit_length()) + 1
         out_acc = Signal(data.ArrayLayout(signed(abits), dh), name="out_acc")
         out_v = Signal(name="out_v")

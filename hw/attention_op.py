@@ -43,8 +43,9 @@ Cycles (start pulse at cycle 0; the engine's w port is always ready in its LOAD 
             shape); a shape whose last rows finish within S cycles of each other would add more.
   done    = 1 (the cycle after the last H write).
   Measured (tests/test_attention_op.py, tiny: n = 9, H = 2, dh = 32, edge-moe-fixed):
-  small-8x8 (G = 8, P = 2): 217 + 267 + 3 + 1 = 488 cycles; zcu102-16x16 (G = 16, P = 4):
-  109 + 195 + 1 + 1 = 306 cycles, both exactly the formula.
+  small-8x8 (G = 8, P = 2): 217 + 184 + 3 + 1 = 405 cycles; zcu102-16x16 (G = 16, P = 4):
+  109 + 130 + 1 + 1 = 241 cycles, both exactly the formula (the AV pass of a head beside the
+  next head's QK pass; 488 and 306 when the AV pass recomputed the scores after QK).
 
 Saturation: `sat` summed over an op equals the total of Machine._op_attention's SatCounter:
 attn_in (per value, n*3*D, counted here), score (per score, H*n*n, the QK pass only), softmax

@@ -99,10 +99,15 @@ def unit_busy(perf: dict, total_cycles: int | None = None) -> dict[str, float]:
 
     def comp(*types):
         return min(1.0, sum(bt[t]["compute"] for t in types if t in bt) / tot)
-    mac = comp("patch_embed", "qkv", "av", "proj", "mlp_fc1", "mlp_fc2", "router", "expert_fc1",
+    def passes(field):      # issue cycles of the attention engine's QK or AV lanes
+        return min(1.0, sum(d.get(field, 0) for d in bt.values()) / tot)
+    # A.V runs on the attention engine's own lanes, not on the MAC array
+    mac = comp("patch_embed", "qkv", "proj", "mlp_fc1", "mlp_fc2", "router", "expert_fc1",
                "expert_fc2")
-    return {"mac_array": mac, "epilogue": mac, "attention_qk": comp("qk"),
-            "softmax_stats": comp("qk"), "softmax_norm": comp("av"), "layernorm": comp("layernorm"),
+    qk, av = passes("qk_pass"), passes("av_pass")
+    # the attention group holds both lane sets (QK and AV multipliers, one half each)
+    return {"mac_array": mac, "epilogue": mac, "attention_qk": (qk + av) / 2,
+            "softmax_stats": qk, "softmax_norm": av, "layernorm": comp("layernorm"),
             "gate": comp("gate"), "controller_axi": 1.0, "buffers": 1.0}
 
 

@@ -110,14 +110,19 @@ def mac_utilisation(useful_macs: int, cycles: int, hwcfg) -> float:
     return useful_macs / (hwcfg.t_in * hwcfg.t_out * cycles)
 
 
-def attention_cycles_engine(n: int, heads: int, head_dim: int, hwcfg, qcfg=None) -> int:
-    """Cycles of hw/attention.AttentionEngine for one layer, from the last write-port handshake
-    to the last output-row handshake, streams never stalling. Per head: the QK pass
-    (C = quant.schedule.attention_cycles(n, P) cycles), the wait for the last row's statistics
-    (3 pipeline stages + SoftmaxStats.LATENCY + 2 cycles of hand-over), the AV pass (C cycles)
-    and one cycle to switch passes; after the last head, the AV pipeline (3 + SoftmaxNorm.LATENCY),
-    the output register and FIFO (head_dim does not change the count: one dot product per lane
-    per cycle). qcfg (default edge-moe-fixed) sets SoftmaxStats' divider depth."""
+def attention_passes(n: int, heads: int, head_dim: int, hwcfg, qcfg=None) -> dict:
+    """The pass timeline of hw/attention.AttentionEngine for one layer, streams never stalling,
+    cycle 0 = the last write-port handshake. The engine runs the QK pass of a head (C =
+    quant.schedule.attention_cycles(n, P) issue cycles) beside the AV pass of the previous one;
+    its two sequencers give, head by head:
+      QK(h) issues from qk[h]: qk[0] = 1, qk[h] = max(qk[h-1] + C + 1 (one cycle to restart the
+        schedule), av[h-2] + C + 1 (it overwrites the score / stats bank AV(h-2) reads));
+      AV(h) issues from av[h] = max(qk[h] + C + L + 4 (the last score through 3 pipeline stages
+        and SoftmaxStats' L = LATENCY cycles, then the start), av[h-1] + C + 2);
+      the last AV issue av[H-1] + C - 1, then 10 cycles (the score memory read, SoftmaxNorm (6),
+        the MAC, the output register, the output FIFO) to the last output handshake: `cycles`.
+    head_dim does not change the count (one dot product per lane per cycle). qcfg (default
+    edge-moe-fixed) sets SoftmaxStats' divider depth."""
     from edgemoe.hw.softmax import recip_plan
     from edgemoe.quant.config import get_quant_preset
     from edgemoe.quant.schedule import attention_cycles
@@ -125,5 +130,15 @@ def attention_cycles_engine(n: int, heads: int, head_dim: int, hwcfg, qcfg=None)
         raise ValueError(f"attention_cycles_engine: head_dim = {head_dim} must be >= 1")
     q = qcfg if qcfg is not None else get_quant_preset("edge-moe-fixed")
     C = attention_cycles(n, hwcfg.attn_p)
-    stats_latency = recip_plan(q).iters + 8
-    return heads * (2 * C + stats_latency + 5) + 11
+    L = recip_plan(q).iters + 8                      # SoftmaxStats.LATENCY
+    qk, av = [], []
+    for h in range(heads):
+        qk.append(1 if h == 0 else max(qk[-1] + C + 1, av[h - 2] + C + 1 if h >= 2 else 0))
+        av.append(max(qk[h] + C + L + 4, av[-1] + C + 2 if h else 0))
+    return {"C": C, "qk": qk, "av": av, "cycles": av[-1] + C - 1 + 10}
+
+
+def attention_cycles_engine(n: int, heads: int, head_dim: int, hwcfg, qcfg=None) -> int:
+    """Cycles of hw/attention.AttentionEngine for one layer, from the last write-port handshake
+    to the last output-row handshake, streams never stalling (attention_passes)."""
+    return attention_passes(n, heads, head_dim, hwcfg, qcfg)["cycles"]

@@ -54,10 +54,12 @@ LINEAR: dram_latency_cycles (first weight beat) + the compute unit's schedule: w
   ceil(beats / r) cycles (linear_schedule; no read-ahead beyond the shadow register). Queue
   modes (expert fc1 / fc2) use R = the expert's queue length.
 ATTENTION (hw/attention_op.py on hw/attention.py's own dot-product lanes, not the MAC array):
-  LOAD 3*n*D/G + 1 (every Q/K/V word once) + sim.perf.attention_cycles_engine (per head: QK
-  pass of quant.schedule.attention_cycles(n, P) cycles, statistics drain, AV pass of the same
-  schedule) + head_dim/G; split as "qk" (LOAD + QK passes + drains) and "av". Peak: P * head_dim
-  MACs per cycle in both passes.
+  LOAD 3*n*D/G + 1 (every Q/K/V word once) + sim.perf.attention_passes (per head a QK pass
+  of quant.schedule.attention_cycles(n, P) cycles, its statistics drain and an AV pass of the
+  same schedule, the AV pass of head h beside the QK pass of head h + 1) + head_dim/G; split in
+  time as "qk" (LOAD, the first QK pass and its drain; peak P * head_dim MACs per cycle) and
+  "av" (the rest; peak 2 * P * head_dim: the QK and the AV lanes), each with the MACs done in
+  it.
 GATE (hw/gate_op.py): ceil(E/G) words per token, Gate.LATENCY + READ_LATENCY, then the N*k
   queue entries written at one per cycle, + 1.
 EXPERT_LOOP, END: instruction fetch only.
@@ -300,23 +302,28 @@ def unit_latencies(cfg, qcfg, hwcfg) -> dict:
 
 def attention_op_cycles(cfg, qcfg, hwcfg) -> dict:
     """The ATTENTION instruction on hw/attention_op.AttentionOp, start to done: LOAD (3*n*D/G + 1:
-    every Q/K/V word once, one per cycle) + sim.perf.attention_cycles_engine (QK pass, stats,
-    AV pass per head) + head_dim/G (the last row's words). Split: "qk" = LOAD + per head the QK
-    pass and the statistics drain, "av" = the rest."""
-    from edgemoe.hw.softmax import recip_plan
-    from edgemoe.quant.schedule import attention_cycles
-
-    from edgemoe.sim.perf import attention_cycles_engine
+    every Q/K/V word once, one per cycle) + the engine's passes (sim.perf.attention_passes) +
+    head_dim/G (the last row's words). Split in time: "qk" = LOAD, the first head's QK pass and
+    its statistics drain (only the QK lanes work); "av" = the rest, from the first AV issue, where
+    each head's AV pass runs beside the next head's QK pass. compute = cycles in which at least
+    one pass issues; qk_pass / av_pass = issue cycles of each pass in the window (the energy
+    model's busy time of the QK and AV lanes); macs = the MACs done in the window."""
+    from edgemoe.sim.perf import attention_passes
     n, H, dh, D, G = cfg.num_tokens, cfg.heads, cfg.head_dim, cfg.dim, hwcfg.t_in
     load = 3 * n * (-(-D // G)) + 1
-    eng = attention_cycles_engine(n, H, dh, hwcfg, qcfg)
-    C = attention_cycles(n, hwcfg.attn_p)
-    stats = recip_plan(qcfg).iters + 8
-    total = load + eng + -(-dh // G)
-    qk = load + H * (C + stats + 3)
-    return {"qk": {"cycles": qk, "compute": H * C, "dram_wait": 0, "overhead": qk - H * C},
-            "av": {"cycles": total - qk, "compute": H * C, "dram_wait": 0,
-                   "overhead": total - qk - H * C}}
+    ps = attention_passes(n, H, dh, hwcfg, qcfg)
+    C, t_av = ps["C"], ps["av"][0]
+    total = load + ps["cycles"] + -(-dh // G)
+    qk = load + t_av - 1                    # engine cycle t is op cycle load + t - 1
+    busy = set()                            # engine cycles (>= t_av) in which a pass issues
+    for s0 in ps["qk"][1:] + ps["av"]:
+        busy.update(range(max(s0, t_av), s0 + C))
+    pair_macs = dh                          # one (query row, key) pair: dh MACs
+    return {"qk": {"cycles": qk, "compute": C, "dram_wait": 0, "overhead": qk - C,
+                   "qk_pass": C, "av_pass": 0, "macs": n * n * pair_macs},
+            "av": {"cycles": total - qk, "compute": len(busy), "dram_wait": 0,
+                   "overhead": total - qk - len(busy), "qk_pass": (H - 1) * C, "av_pass": H * C,
+                   "macs": (2 * H - 1) * n * n * pair_macs}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +441,8 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
              "rows": nrows, "k": k, "n": n, "macs": int(macs), "peak_macs_per_cycle": peak,
              "cycles": int(split["cycles"]), "compute": int(split["compute"]),
              "dram_wait": int(split["dram_wait"]), "overhead": int(split["overhead"]),
-             "dram_read_bytes": int(read), "dram_write_bytes": int(write), "fetch_bytes": int(fetch)}
+             "dram_read_bytes": int(read), "dram_write_bytes": int(write), "fetch_bytes": int(fetch),
+             "qk_pass": int(split.get("qk_pass", 0)), "av_pass": int(split.get("av_pass", 0))}
         assert r["compute"] + r["dram_wait"] + r["overhead"] == r["cycles"] and min(
             r["compute"], r["dram_wait"], r["overhead"]) >= 0, r
         r["utilisation"] = r["macs"] / (peak * r["cycles"]) if r["macs"] else 0.0
@@ -481,11 +489,12 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                                              "beats": -(-rd // B), "fetch": fb}
             elif op is Op.ATTENTION:
                 a = attention_op_cycles(cfg, qcfg, hwcfg)
-                heads = ins.arg
-                macs = cfg.num_tokens ** 2 * cfg.head_dim * heads
+                # peak: the QK lanes alone, then QK and AV lanes side by side
                 peak = hwcfg.attn_p * cfg.head_dim
-                per_pc.append(([(name + ".qk", "qk", pc, a["qk"], dict(macs=macs, peak=peak, nrows=ins.rows, fetch=fb)),
-                                (name + ".av", "av", pc, a["av"], dict(macs=macs, peak=peak, nrows=ins.rows))],
+                per_pc.append(([(name + ".qk", "qk", pc, a["qk"], dict(macs=a["qk"]["macs"], peak=peak,
+                                                                       nrows=ins.rows, fetch=fb)),
+                                (name + ".av", "av", pc, a["av"], dict(macs=a["av"]["macs"], peak=2 * peak,
+                                                                       nrows=ins.rows))],
                                a["qk"]["cycles"] + a["av"]["cycles"]))
             elif op is Op.LAYERNORM:
                 wpr = -(-D // hwcfg.lanes)        # unit beats of L lanes per row
@@ -575,7 +584,7 @@ def inference_cycles(cfg, qcfg, hwcfg, routing=None, assumptions: PerfAssumption
                 saved = L - min(L, max(0, gap + L + assume.data_gap))
         for j, (name, type_, pc, split, kw) in enumerate(rws):
             if j == 0:
-                split = {"cycles": split["cycles"] + f_dram + f_over - saved, "compute": split["compute"],
+                split = {**split, "cycles": split["cycles"] + f_dram + f_over - saved,
                          "dram_wait": split["dram_wait"] + f_dram - saved, "overhead": split["overhead"] + f_over}
             row(name, type_, pc, split, **kw)
         run = sum(r[3]["cycles"] for r in rws) - saved       # its own cycles, without the fetch
@@ -638,7 +647,8 @@ def _summarise(cfg, qcfg, hwcfg, rows, traffic, routing_source, assume, rate, fe
         if not rs:
             continue
         d = {k: sum(r[k] for r in rs) for k in ("cycles", "compute", "dram_wait", "overhead", "macs",
-                                                 "dram_read_bytes", "dram_write_bytes", "fetch_bytes")}
+                                                 "dram_read_bytes", "dram_write_bytes", "fetch_bytes",
+                                                 "qk_pass", "av_pass")}
         d["executions"] = len(rs)
         d["peak_macs_per_cycle"] = rs[0]["peak_macs_per_cycle"]
         d["utilisation"] = d["macs"] / (d["peak_macs_per_cycle"] * d["cycles"]) if d["macs"] else 0.0

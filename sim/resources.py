@@ -162,10 +162,13 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
     P, dh, ai = hw.attn_p, cfg.head_dim, q.attn_in.bits
     # the attention engine (hw/attention.py): QK lanes P x head_dim attn_in x attn_in multiplies,
     # AV lanes P x head_dim prob x attn_in, SoftmaxStats, P one-lane SoftmaxNorms, Q/K/V memories
-    # of n x heads rows of head_dim attn_in codes (BRAM), all inside one engine
+    # of n x heads rows of head_dim attn_in codes (BRAM), the two-bank score memory (one word of
+    # min(P, n) scores per schedule cycle) and stats memory, all inside one engine
+    from edgemoe.quant.schedule import attention_cycles
     n, H = cfg.num_tokens, cfg.heads
+    banks = 2 if H > 1 else 1
     eng = {"dsp": P * dh * (dsp_per_mult(ai, ai) + dsp_per_mult(q.prob.bits + 1, ai)),
-           "bram36": 3 * bram(dh * ai, n * H)}
+           "bram36": 3 * bram(dh * ai, n * H) + bram(min(P, n) * q.score.bits, banks * attention_cycles(n, P))}
     b = load_baseline("attention", baseline_dir)
     if b is not None:
         bm, bh, bq = _baseline_model(b), _baseline_hw(b), _baseline_q(b)
@@ -188,7 +191,7 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
     units["attention_qk"] = {k: max(0, eng[k] - sum(units[u][k] for u in ("softmax_stats", "softmax_norm")
                                                     if u in units)) for k in KEYS}
     units["attention_qk"]["source"] = (f"attention engine: DSP = P*head_dim*(QK + AV multiplies), BRAM = "
-                                       f"Q/K/V memories; LUT/FF: {esrc}; minus softmax_stats/_norm")
+                                       f"Q/K/V and score memories; LUT/FF: {esrc}; minus softmax_stats/_norm")
 
     b = load_baseline("layernorm", baseline_dir)
     if b is not None:

@@ -77,18 +77,22 @@ if cocotb is not None:
                           stall_prob=float(cfg.get("stall_prob", 0.0)), seed=seed + 1)
         driver = StreamDriver(dut, "w", dut.clk, counter, fields=("sel", "head", "row", "data"),
                               gap_prob=float(cfg.get("gap_prob", 0.0)), seed=seed)
-        reads = {"qk": [0, 0, 0], "av": [0, 0, 0]}          # K, Q, V block reads per pass
-        per_cycle = {"max": 0, "qk_cycles": 0, "av_cycles": 0, "sat": 0}
+        # K / Q block reads (QK pass), V block reads (AV pass), issue cycles of each pass and the
+        # cycles in which both passes issue (the AV pass of a head beside the next head's QK)
+        per_cycle = {"max": 0, "k": 0, "q": 0, "v": 0, "qk_cycles": 0, "av_cycles": 0,
+                     "overlap": 0, "sat": 0}
 
         async def monitor():
             while True:
                 await ReadOnly()
                 k, qq, v = read_uint(dut.k_rd), read_uint(dut.q_rd), read_uint(dut.v_rd)
-                key = "av" if read_uint(dut.av) else "qk"
-                for j, b in enumerate((k, qq, v)):
-                    reads[key][j] += b
-                if k:
-                    per_cycle[key + "_cycles"] += 1
+                av = read_uint(dut.av)
+                per_cycle["k"] += k
+                per_cycle["q"] += qq
+                per_cycle["v"] += v
+                per_cycle["qk_cycles"] += k
+                per_cycle["av_cycles"] += av
+                per_cycle["overlap"] += k & av
                 per_cycle["max"] = max(per_cycle["max"], k + qq + v)
                 per_cycle["sat"] += read_uint(dut.sat)
                 await RisingEdge(dut.clk)
@@ -122,9 +126,9 @@ if cocotb is not None:
         write_result({
             "rows": len(got), "compared": len(got) * dh, "P": P,
             "cycles": out_cycles[-1] - in_cycles[-1],           # last write -> last output
-            "qk_k_reads": reads["qk"][0], "qk_q_reads": reads["qk"][1], "qk_v_reads": reads["qk"][2],
-            "av_k_reads": reads["av"][0], "av_q_reads": reads["av"][1], "av_v_reads": reads["av"][2],
+            "k_reads": per_cycle["k"], "q_reads": per_cycle["q"], "v_reads": per_cycle["v"],
             "qk_cycles": per_cycle["qk_cycles"], "av_cycles": per_cycle["av_cycles"],
+            "overlap_cycles": per_cycle["overlap"],
             "max_reads_per_cycle": per_cycle["max"],
             "sat_scores": int(((g.scores == q.score.max_int) | (g.scores == q.score.min_int)).sum()),
             "sat_out": int(((g.out == q.act.max_int) | (g.out == q.act.min_int)).sum()),

@@ -73,7 +73,8 @@ def _interpreter_error(prog, pc, words, image, at_end=False):
     return 0, None
 
 
-@pytest.mark.parametrize("axi_bits", [256, 64])
+# the 64-bit port (4 beats per instruction) is its own 2.5-minute build: make test-slow
+@pytest.mark.parametrize("axi_bits", [256, pytest.param(64, marks=pytest.mark.slow)])
 def test_accel_errors_match_interpreter(tmp_path, axi_bits):
     """Corrupted programs stop the RTL with the executor's ERROR_CODE and ERROR_PC, and the
     accelerator runs a clean program bit-exact right after (START resets every unit). At 64
@@ -120,6 +121,8 @@ def test_accel_errors_match_interpreter(tmp_path, axi_bits):
     assert r["mismatches"] == 0 and r["instructions"] == r["golden_instructions"]
 
 
+# its own top build (~2.5 min); the fast-path streaming tests keep bit-exactness in the default suite
+@pytest.mark.slow
 def test_accel_streaming_errors_match_interpreter(tmp_path):
     """Errors inside a streamed expert loop (HWConfig.weight_fifo_beats): the weights of a later
     expert outside the memory (SLVERR on beats the streamer fetched ahead into the FIFO) and a

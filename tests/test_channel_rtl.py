@@ -127,6 +127,7 @@ def test_rtl_icarus_narrow():
     run_unit(narrow_q("half_up"), TINY_HW, 150, simulator="icarus", seed=6)
 
 
+@pytest.mark.slow
 def test_synth_channel_requant_resource_baseline():
     """16 lanes of the w8a16-channel epilogue: the multiplier goes to DSP48E2 (a 37 x 16 product:
     two per lane at most), the barrel shifter to LUTs; kept as the resource model's baseline."""

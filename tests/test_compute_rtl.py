@@ -305,6 +305,7 @@ def test_compute_verilator_8x8_tiny():
                 kinds=["fc2", "router", "expert_fc1", "expert_fc2"])
 
 
+@pytest.mark.slow
 def test_compute_verilator_32x16():
     run_compute(Q, HW32, [CLEAN, STRESS], kinds=["qkv", "router", "expert_fc1", "expert_fc2"],
                 max_experts=2)

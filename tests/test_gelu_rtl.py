@@ -230,6 +230,7 @@ def _synth_default():
     return to_rtlil(Gelu(DEFAULT_Q, DEFAULT_HW), TOP)
 
 
+@pytest.mark.slow
 def test_synth_gelu_resource_baseline():
     from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_default(), TOP, timeout_s=300)

@@ -290,6 +290,7 @@ def test_synth_softmax_resource_baseline():
     check_synth_baseline("softmax", res)
 
 
+@pytest.mark.slow
 def test_synth_softmax_norm_resource_baseline():
     from edgemoe.hw.synth import check_synth_baseline, synth_xilinx
     res = synth_xilinx(_synth_norm(), "edgemoe_softmax_norm", timeout_s=300)
