@@ -10,7 +10,8 @@ TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgemoe-installed
 OUT ?= out
-# the 8-bit-weight design of sim-full-w8: zcu102-w8-32x32, or zcu102-w8-64x16 (64x16 MACs)
+# the 8-bit-weight design of sim-full-w8: zcu102-w8-32x32, zcu102-w8-64x16 (64x16 MACs) or
+# zcu102-w8-64x16-stream (64x16 with expert-weight streaming)
 W8_HW ?= zcu102-w8-32x32
 # its weights: w8a16-channel (round to nearest), or w8a16-gptq (the same datapath, GPTQ codes)
 W8_QUANT ?= w8a16-channel
@@ -25,7 +26,7 @@ help:
 	@echo "make test-slow  slower checks kept out of the default suite (e.g. ECP5 Fmax)"
 	@echo "make sim-full   edge-moe preset, all 12 blocks, both tasks, through the RTL top (cocotb + Verilator)"
 	@echo "make sim-full-fast  the same through the Verilator C++ harness (sim/fast_sim.py, ~1 min after its build)"
-	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, $(W8_QUANT) on $(W8_HW), fast path (W8_HW=zcu102-w8-64x16: the 64x16 array; W8_QUANT=w8a16-gptq: GPTQ codes)"
+	@echo "make sim-full-w8  the 8-bit-weight design: edge-moe, $(W8_QUANT) on $(W8_HW), fast path (W8_HW=zcu102-w8-64x16: the 64x16 array, zcu102-w8-64x16-stream: with weight streaming; W8_QUANT=w8a16-gptq: GPTQ codes)"
 	@echo "make bench      benchmarks that print figures"
 
 $(STAMP): pyproject.toml Makefile

@@ -64,9 +64,12 @@ Controller (one instruction at a time; the next instruction's fetch and data req
            beats from there (an AXI error rides along as a 257th bit and stops that instruction,
            at its pc, as the executor does); an unaligned later address stops the streamer and
            that instruction fails ERR_ADDRESS at ISSUE. DRAM_BYTES_READ counts streamed beats
-           when used. The compute unit still takes one beat per cycle, so the FIFO cannot feed a
-           memory-bound expert faster than the port does: the gain is the refetches (and the
-           first-beat latencies) until the weight intake is widened.
+           when used. HWConfig.weight_intake_beats = KI: the FIFO holds words of KI beats (the
+           first KI - 1 beats of a word wait in a packing register; the word's error bit is any
+           of its beats') and the compute unit takes a word per cycle, so a memory-bound expert
+           whose weights were banked ahead during the compute-bound experts before it loads a
+           tile KI times faster than the port delivers. With KI = 1 the gain is only the
+           refetches and the first-beat latencies.
 Every unit is reset by START (a clean state after an error).
 
 Exported module `edgemoe_accel`: clk, rst; m_axi__* (AXI4 master, hw/axi.py), s_axil__*
@@ -442,9 +445,22 @@ class Accelerator(wiring.Component):
         consumers = [(is_op[Op.LOAD_ROWS], load.d), (is_op[Op.LAYERNORM], ln.p), (is_op[Op.LINEAR], lin.w)]
         to_fifo, fifo_pop = Signal(), Signal()
         flush = Signal()                              # a fail: the FIFO empties with the stream
+        KI, AXB = hw.weight_intake_beats, hw.axi_data_bits
         if SD:
+            # words of KI beats (+ an AXI-error bit): the compute unit takes one word per cycle
             m.submodules.wfifo = wfifo = ResetInserter(soft_rst | flush)(
-                SyncFIFOBuffered(width=hw.axi_data_bits + 1, depth=SD))
+                SyncFIFOBuffered(width=KI * AXB + 1, depth=SD // KI))
+            pk = Signal(max(1, (KI - 1) * AXB), name="pack")    # KI > 1: the word's first beats
+            pk_n = Signal(range(KI), name="pack_n")
+            pk_err = Signal(name="pack_err")
+            with m.If(soft_rst | flush):
+                m.d.sync += [pk_n.eq(0), pk_err.eq(0)]
+
+        def feed(s, payload):
+            """A consumer's stream payload <- one beat from the port."""
+            if s is lin.w and KI > 1:
+                return [s.payload.data.eq(payload), s.payload.wide.eq(0)]
+            return [s.payload.eq(payload)]
         with m.If(take_ins):
             m.d.comb += axim.rd_data.ready.eq(1)
             with m.If(axim.rd_data.valid):
@@ -456,7 +472,7 @@ class Accelerator(wiring.Component):
                     m.d.sync += pf_state.eq(2)
         for cond, s in consumers:
             with m.Elif(cond & busy & own_r):
-                m.d.comb += [s.valid.eq(axim.rd_data.valid), s.payload.eq(axim.rd_data.payload),
+                m.d.comb += [s.valid.eq(axim.rd_data.valid), *feed(s, axim.rd_data.payload),
                              axim.rd_data.ready.eq(s.ready)]
                 with m.If(axim.rd_data.valid & s.ready):
                     m.d.sync += cur_left.eq(cur_left - 1)
@@ -464,17 +480,37 @@ class Accelerator(wiring.Component):
                         m.d.sync += d_err.eq(1)
         if SD:
             with m.Elif(busy & (s_out != 0)):
-                # the FIFO always has room: the streamer reserved it before the request
-                m.d.comb += [wfifo.w_en.eq(axim.rd_data.valid), wfifo.w_data.eq(Cat(axim.rd_data.payload, axim.rd_err)),
-                             axim.rd_data.ready.eq(wfifo.w_rdy), to_fifo.eq(axim.rd_data.valid & wfifo.w_rdy)]
+                # the FIFO always has room: the streamer reserved it before the request. KI > 1:
+                # the first KI - 1 beats of a word wait in `pack` (a streamed instruction's beats
+                # are whole words: KI divides every tile and header)
+                if KI == 1:
+                    m.d.comb += [wfifo.w_en.eq(axim.rd_data.valid), wfifo.w_data.eq(Cat(axim.rd_data.payload, axim.rd_err)),
+                                 axim.rd_data.ready.eq(wfifo.w_rdy), to_fifo.eq(axim.rd_data.valid & wfifo.w_rdy)]
+                else:
+                    word_end = pk_n == KI - 1
+                    m.d.comb += [wfifo.w_en.eq(axim.rd_data.valid & word_end),
+                                 wfifo.w_data.eq(Cat(pk, axim.rd_data.payload, pk_err | axim.rd_err)),
+                                 axim.rd_data.ready.eq(~word_end | wfifo.w_rdy),
+                                 to_fifo.eq(axim.rd_data.valid & axim.rd_data.ready)]
+                    with m.If(to_fifo & ~soft_rst & ~flush):
+                        m.d.sync += pk_n.eq(Mux(word_end, 0, pk_n + 1))
+                        m.d.sync += pk_err.eq(~word_end & (pk_err | axim.rd_err))
+                        with m.Switch(pk_n):
+                            for i in range(KI - 1):
+                                with m.Case(i):
+                                    m.d.sync += pk[i * AXB:(i + 1) * AXB].eq(axim.rd_data.payload)
         with m.Elif(~busy):
             m.d.comb += axim.rd_data.ready.eq(1)     # drain beats of an aborted transfer
         if SD:
             with m.If(is_op[Op.LINEAR] & busy & own & from_fifo):
-                m.d.comb += [lin.w.valid.eq(wfifo.r_rdy), lin.w.payload.eq(wfifo.r_data[:hw.axi_data_bits]),
+                if KI == 1:
+                    m.d.comb += lin.w.payload.eq(wfifo.r_data[:AXB])
+                else:
+                    m.d.comb += [lin.w.payload.data.eq(wfifo.r_data[:KI * AXB]), lin.w.payload.wide.eq(1)]
+                m.d.comb += [lin.w.valid.eq(wfifo.r_rdy),
                              wfifo.r_en.eq(lin.w.ready), fifo_pop.eq(wfifo.r_rdy & lin.w.ready)]
                 with m.If(fifo_pop):
-                    m.d.sync += cur_left.eq(cur_left - 1)
+                    m.d.sync += cur_left.eq(cur_left - KI)
                     with m.If(wfifo.r_data[-1]):
                         m.d.sync += d_err.eq(1)
         m.d.comb += [axim.wr_data.valid.eq(store.d.valid & is_op[Op.STORE]),
@@ -501,7 +537,8 @@ class Accelerator(wiring.Component):
         with m.If(busy):
             m.d.sync += [cycles.eq(cycles + 1), sat.eq(Mux(sat_next[32:].any(), 0xFFFF_FFFF, sat_next[:32]))]
             # streamed beats count when used (as the one-at-a-time controller reads them)
-            rd_n = (axim.rd_data.valid & axim.rd_data.ready & ~to_fifo).as_unsigned() + fifo_pop.as_unsigned()
+            rd_n = ((axim.rd_data.valid & axim.rd_data.ready & ~to_fifo).as_unsigned()
+                    + Mux(fifo_pop, hw.weight_intake_beats, 0))
             m.d.sync += rbytes.eq(rbytes + rd_n * B)
             with m.If(axim.wr_data.valid & axim.wr_data.ready):
                 m.d.sync += wbytes.eq(wbytes + B)
@@ -587,7 +624,7 @@ class Accelerator(wiring.Component):
                                 & ~s_bad & (s_res + s_beats <= SD))
             with m.If(stream_on & s_more & s_fresh & s_bad):
                 m.d.sync += s_stop.eq(1)      # that instruction stops with ERR_ADDRESS at ISSUE
-            m.d.sync += [s_res.eq(s_res + Mux(s_go, s_beats, 0) - fifo_pop),
+            m.d.sync += [s_res.eq(s_res + Mux(s_go, s_beats, 0) - Mux(fifo_pop, KI, 0)),
                          s_out.eq(s_out + Mux(s_go, s_beats, 0) - to_fifo)]
             with m.If(s_go):
                 m.d.sync += [rd_cmd_valid.eq(1), rd_cmd_addr.eq(s_addr), rd_cmd_beats.eq(s_beats),

@@ -59,7 +59,9 @@ serves requests after the writes it has accepted sees every earlier write.
 Lanes: lane k at bits [k*bits, (k+1)*bits) of a flat port, two's complement.
 
 Throughput: one row chunk (T_in x T_out MACs) per cycle while a tile is resident, passes back
-to back; one weight beat per cycle. A layer takes about nc*kc*max(R, tile_beats) cycles plus
+to back; one weight beat per cycle (hwcfg.weight_intake_beats = KI > 1: w carries {data: KI
+beats, wide}; a wide word shifts KI beats into the shadow at once, a narrow one its low beat;
+KI divides the tile and header beats, so a word never spans two of them). A layer takes about nc*kc*max(R, tile_beats) cycles plus
 fill and drain (sim/perf.linear_cycles gives it to the cycle for stall-free streams): compute-
 bound for R >= tile_beats (16 at 16x16 with 16-bit weights and a 256-bit port), memory-bound
 below. Latency: x handshake -> accumulator row written: geometry.mac_stages cycles (product
@@ -94,7 +96,7 @@ from edgemoe.quant.config import QuantConfig
 from edgemoe.quant.fixed import FormatError, Overflow, Rounding
 from edgemoe.quant.linear import TileLayout, tile_layout
 
-from .config import HWConfig
+from .config import HWConfig, HWConfigError
 from .requant import Requant, popcount
 
 TREE_LEVELS_PER_STAGE = 2   # adder-tree levels between registers (two ~50-bit adds per cycle)
@@ -153,6 +155,11 @@ def compute_geometry(qcfg: QuantConfig, hwcfg: HWConfig, mcfg=None) -> ComputeGe
     layout = tile_layout(qcfg, hwcfg)
     chan = qcfg.granularity == "channel"
     check_channel_datapath(qcfg)
+    ki = hwcfg.weight_intake_beats
+    if layout.tile_beats % ki or layout.bias_beats % ki:
+        raise HWConfigError(f"HWConfig '{hwcfg.name}': weight_intake_beats = {ki} must divide the weight "
+                            f"tile ({layout.tile_beats} beats) and the column header ({layout.bias_beats} "
+                            f"beats) of QuantConfig '{qcfg.name}': a FIFO word never spans two of them")
     for f in ("act", "acc", "bias", "gate_logit"):
         if not getattr(qcfg, f).signed:
             raise FormatError(f"QuantConfig '{qcfg.name}': the compute unit needs a signed {f}")
@@ -226,9 +233,14 @@ class ComputeUnit(wiring.Component):
             "rows": unsigned(g.rows_bits), "kc": unsigned(g.count_bits), "nc": unsigned(g.count_bits),
             "bias": 1, "gelu": 1, "gate": 1, "resid": 1, "logit": 1, "gather": 1, "scatter": 1})
         self.q_layout = data.StructLayout({"token": unsigned(g.row_bits), "gate": unsigned(g.gate_bits)})
+        # weight_intake_beats = KI > 1: a w word carries KI beats (wide = 1, from the weight
+        # FIFO) or one beat in its low bits (wide = 0, from the port)
+        KI = hwcfg.weight_intake_beats
+        self.w_shape = unsigned(g.layout.axi_bits) if KI == 1 else data.StructLayout(
+            {"data": unsigned(KI * g.layout.axi_bits), "wide": 1})
         super().__init__({
             "cmd": In(stream.Signature(self.cmd_layout)),
-            "w": In(stream.Signature(unsigned(g.layout.axi_bits))),
+            "w": In(stream.Signature(self.w_shape)),
             "q": In(stream.Signature(self.q_layout)),
             "xr": Out(stream.Signature(data.StructLayout(
                 {"row": unsigned(g.row_bits), "chunk": unsigned(g.idx_bits)}))),
@@ -344,16 +356,31 @@ class ComputeUnit(wiring.Component):
         ws_clr, bs_clr = Signal(), Signal()    # the pass sequencer empties a shadow this cycle
         m.d.comb += [self.w.ready.eq(l_run & Mux(l_bias, ~bs_full | bs_clr, ~ws_full | ws_clr)),
                      w_hs.eq(self.w.valid & self.w.ready)]
-        beat_last = l_beat == Mux(l_bias, Bb - 1, Bt - 1)
+        KI = hw.weight_intake_beats
         ws_set, bs_set = Signal(), Signal()
+
+        def shift_in(shadow, beats):
+            """The shadow register with this handshake's beat(s) shifted in at the top."""
+            if KI == 1:
+                return Cat(shadow[AX:], self.w.payload) if beats > 1 else self.w.payload
+            one = Cat(shadow[AX:], self.w.payload.data[:AX]) if beats > 1 else self.w.payload.data[:AX]
+            wide = Cat(shadow[KI * AX:], self.w.payload.data) if beats > KI else self.w.payload.data
+            return Mux(self.w.payload.wide, wide, one)
+
+        if KI == 1:
+            beat_last = l_beat == Mux(l_bias, Bb - 1, Bt - 1)
+            beat_next = l_beat + 1
+        else:
+            beat_next = l_beat + Mux(self.w.payload.wide, KI, 1)
+            beat_last = beat_next == Mux(l_bias, Bb, Bt)
         with m.If(start):
             m.d.sync += [l_run.eq(1), l_bias.eq(hdr_p), l_j.eq(0), l_c.eq(0), l_beat.eq(0)]
         with m.Elif(w_hs):
             with m.If(l_bias):
-                m.d.sync += bshadow.eq(Cat(bshadow[AX:], self.w.payload) if Bb > 1 else self.w.payload)
+                m.d.sync += bshadow.eq(shift_in(bshadow, Bb))
             with m.Else():
-                m.d.sync += wshadow.eq(Cat(wshadow[AX:], self.w.payload) if Bt > 1 else self.w.payload)
-            m.d.sync += l_beat.eq(Mux(beat_last, 0, l_beat + 1))
+                m.d.sync += wshadow.eq(shift_in(wshadow, Bt))
+            m.d.sync += l_beat.eq(Mux(beat_last, 0, beat_next))
             with m.If(beat_last):
                 with m.If(l_bias):
                     m.d.comb += bs_set.eq(1)

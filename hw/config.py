@@ -44,6 +44,11 @@ class HWConfig:
     # port and the compute unit; inside an expert loop the body is held on chip and the weights
     # of the experts still to run are requested as far ahead as the FIFO has room. 0: off.
     weight_fifo_beats: int = 0
+    # beats per cycle the compute unit takes from that FIFO (1: the port's rate). Above 1 the
+    # FIFO holds words of this many beats, so a memory-bound expert whose weights were banked
+    # ahead loads a tile in tile_beats / weight_intake_beats cycles. Must divide the tile and
+    # header beats (hw/compute.compute_geometry checks) and weight_fifo_beats.
+    weight_intake_beats: int = 1
 
     def __post_init__(self):
         for f in ("t_in", "t_out", "attn_p", "lanes", "axi_data_bits", "act_buffer_tokens"):
@@ -53,6 +58,13 @@ class HWConfig:
         if not isinstance(self.weight_fifo_beats, int) or self.weight_fifo_beats < 0:
             raise HWConfigError(f"HWConfig '{self.name}': field 'weight_fifo_beats' = {self.weight_fifo_beats!r} "
                                 "must be an integer >= 0 (0: no expert-weight streaming)")
+        ki = self.weight_intake_beats
+        if not isinstance(ki, int) or ki < 1 or ki & (ki - 1):
+            raise HWConfigError(f"HWConfig '{self.name}': field 'weight_intake_beats' = {ki!r} must be a power "
+                                "of two >= 1")
+        if ki > 1 and (self.weight_fifo_beats == 0 or self.weight_fifo_beats % ki):
+            raise HWConfigError(f"HWConfig '{self.name}': weight_intake_beats = {ki} needs the weight FIFO: "
+                                f"weight_fifo_beats = {self.weight_fifo_beats} must be a positive multiple of it")
         if self.axi_data_bits % 8 or self.axi_data_bits & (self.axi_data_bits - 1):
             raise HWConfigError(f"HWConfig '{self.name}': axi_data_bits = {self.axi_data_bits} must be a power of two >= 8")
         if self.part not in PARTS:
@@ -83,6 +95,11 @@ HW_PRESETS: dict[str, HWConfig] = {
     # the vector lanes and the port are separate): half the epilogue lanes, the router's 16
     # logits in one tile column
     "zcu102-w8-64x16": HWConfig(name="zcu102-w8-64x16", t_in=64, t_out=16, attn_p=8, lanes=32),
+    # the same with expert-weight streaming: a 16384-beat weight FIFO (4 beats per word, the
+    # compute unit takes a word per cycle), so the memory-bound experts load their weights,
+    # banked ahead during the compute-bound ones, at 4 beats per cycle
+    "zcu102-w8-64x16-stream": HWConfig(name="zcu102-w8-64x16-stream", t_in=64, t_out=16, attn_p=8,
+                                       lanes=32, weight_fifo_beats=16384, weight_intake_beats=4),
 }
 
 

@@ -14,7 +14,8 @@ Ports (engine view, hw/accel_plan.py conventions):
   k, n In(16)       input / output widths in values: kc = ceil(k/G) chunks, nc = ceil(n/To) tiles
   q_base In(qpos_bits)  queue modes: queue position of the expert's first entry
   w In(stream of beat_bits)  the weight stream beats as stored (quant.linear layout), passed
-                    straight to the unit's w port
+                    straight to the unit's w port ({data: KI beats, wide} words when
+                    hwcfg.weight_intake_beats = KI > 1: the compute unit's w_shape)
   src Out(BufRead)  input chunks: row r (GATHER: token[r]), word = chunk
   dst_rd Out(BufRead)   residual slices (RESID): row row_off + r (SCATTER: token[r]), slice = tile
   dst_wr Out(BufWrite)  results: row row_off + r (SCATTER: token[r]), slice `tile` of To lanes
@@ -70,7 +71,7 @@ class LinearOp(wiring.Component):
             "start": In(1), "done": Out(1), "sat": Out(unsigned(8)),
             "flags": In(8), "rows": In(p.rows_bits), "row_off": In(p.row_bits),
             "k": In(16), "n": In(16), "q_base": In(p.qpos_bits),
-            "w": In(stream.Signature(p.beat_bits)),
+            "w": In(stream.Signature(self.cu.w_shape)),     # beat_bits, or KI-beat words
             "src": Out(buf_read_signature(p)),
             "dst_rd": Out(buf_read_signature(p)),
             "dst_wr": Out(buf_write_signature(p)),

@@ -107,12 +107,13 @@ def bench_rtl(preset: str = "edge-moe", reuse: str = "out/sim-full/simulate.json
 
 
 def bench_rtl_w8() -> dict:
-    """The 8-bit-weight designs (issue 12): edge-moe / w8a16-channel on zcu102-w8-32x32 and
-    zcu102-w8-64x16 in RTL (reuses `make sim-full-w8 [W8_HW=...]`'s JSON, else one task on the
-    fast path), against the targets."""
+    """The 8-bit-weight designs (issue 12): edge-moe / w8a16-channel on zcu102-w8-32x32,
+    zcu102-w8-64x16 and zcu102-w8-64x16-stream in RTL (reuses `make sim-full-w8 [W8_HW=...]`'s
+    JSON, else one task on the fast path), against the targets."""
     out = {}
     for hw, path in (("zcu102-w8-32x32", "out/sim-full-w8/simulate.json"),
-                     ("zcu102-w8-64x16", "out/sim-full-w8-zcu102-w8-64x16/simulate.json")):
+                     ("zcu102-w8-64x16", "out/sim-full-w8-zcu102-w8-64x16/simulate.json"),
+                     ("zcu102-w8-64x16-stream", "out/sim-full-w8-zcu102-w8-64x16-stream/simulate.json")):
         res = out[hw] = bench_rtl("edge-moe", path, "w8a16-channel", hw, fast=True)
         for task, r in res["tasks"].items():
             print(f"targets, {hw} task {task}: cycles {r['cycles']:,} <= 1,200,000: {r['cycles'] <= 1_200_000}; "

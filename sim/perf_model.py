@@ -38,7 +38,7 @@ Expert-weight streaming (hwcfg.weight_fifo_beats = SD > 0, a loop body of one or
   beats: linear_schedule_fed's load ends), STREAM_REQ_GAP apart and not before the first
   expert's last own beat; they arrive a first-beat latency after the request, behind the port's
   earlier beats, at the beat rate; the layer's schedule then takes each beat no earlier than it
-  is there (_streamed_linear).
+  is there, hwcfg.weight_intake_beats beats per cycle (_streamed_linear).
 Validated against the RTL top (hw/accel.py, sim/rtl_sim.py, `edgemoe simulate`): the terms below
 are the engines' start-to-done cycles as their docstrings and tests pin them.
 LOAD_ROWS / STORE (hw/move_op.py): one buffer word per cycle (two with ADD) and beats at the
@@ -189,17 +189,20 @@ def linear_schedule(rows: int, kc: int, nc: int, tile_load: int, bias_load: int,
 
 
 def linear_schedule_fed(rows: int, kc: int, nc: int, tile_beats: int, bias_beats: int,
-                        mac_stages: int, epi_latency: int, ready) -> tuple[Schedule, list]:
-    """linear_schedule at one beat per cycle for a layer whose weight beats come from the weight
-    FIFO: beat b (stream order: per column its header, then its kc tiles) can be taken no earlier
-    than ready(b) (cycles from the command; <= 0: already there). -> (Schedule, [(cycle a load
-    ends, beats it took)]) -- the FIFO room each load frees."""
+                        mac_stages: int, epi_latency: int, ready, intake: int = 1) -> tuple[Schedule, list]:
+    """linear_schedule for a layer whose weight beats come from the weight FIFO, `intake` beats
+    per cycle (HWConfig.weight_intake_beats: FIFO words of that many beats): beat b (stream
+    order: per column its header, then its kc tiles) can be taken no earlier than ready(b)
+    (cycles from the command; <= 0: already there). A load of n beats takes n / intake cycles
+    and ends no earlier than the cycle after its last beat arrived (beats arrive at most one
+    per cycle, so the last one binds). -> (Schedule, [(cycle a load ends, beats it took)]) --
+    the FIFO room each load frees."""
     b, used = 0, []
 
     def load(n):
         def f(t0):
             nonlocal b
-            end = max(t0 + n, ready(b + n - 1) + 1)
+            end = max(t0 + n // intake, ready(b + n - 1) + 1)
             b += n
             used.append((end, n))
             return end
@@ -630,8 +633,9 @@ def _streamed_linear(info, st, now, hwcfg, qcfg, g, lay, SD, assume, rate) -> tu
     bias_beats = lay.bias_beats if lay.has_header(md.bias) else 0
     shape = (info["rows"], lay.chunks(info["k"]), lay.tiles(info["n"]), lay.tile_beats, bias_beats,
              g.mac_stages, epi_cycles(g, md.gelu))
-    sch, used = linear_schedule_fed(*shape, lambda b: arrive[b] - start)
-    ideal, _ = linear_schedule_fed(*shape, lambda b: 0)
+    ki = hwcfg.weight_intake_beats
+    sch, used = linear_schedule_fed(*shape, lambda b: arrive[b] - start, ki)
+    ideal, _ = linear_schedule_fed(*shape, lambda b: 0, ki)
     st["frees"].extend((start + t, k) for t, k in used)
     done = (start - now) + sch.cycles
     wait = (sch.cycles - ideal.cycles) + (start - now - assume.early_decode_cycles)

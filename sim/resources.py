@@ -241,11 +241,14 @@ def unit_estimates(cfg, qcfg, hwcfg, baseline_dir=None) -> dict[str, dict]:
                         "source": "edgemoe.quant.compiler.buffer_plan: X, H, W, L, Q"}
     if hw.weight_fifo_beats:
         from edgemoe.quant.compiler import memory_bram36
-        # hw/accel.py's weight FIFO: beats + an error bit; the loop body registers (2 x 256 FF)
-        units["weight_fifo"] = {"lut": 200, "ff": 600, "dsp": 0,
-                                "bram36": memory_bram36(hw.axi_data_bits + 1, hw.weight_fifo_beats),
-                                "source": f"weight FIFO {hw.weight_fifo_beats} x {hw.axi_data_bits + 1} bits "
-                                          "(BRAM as bram36(); pointers and loop-body registers: ASSUMPTION)"}
+        # hw/accel.py's weight FIFO: words of KI beats + an error bit; the loop body registers
+        # (2 x 256 FF) and, KI > 1, the (KI - 1)-beat packing register
+        ki = hw.weight_intake_beats
+        width, depth = ki * hw.axi_data_bits + 1, hw.weight_fifo_beats // ki
+        units["weight_fifo"] = {"lut": 200 * ki, "ff": 600 + (ki - 1) * hw.axi_data_bits, "dsp": 0,
+                                "bram36": memory_bram36(width, depth),
+                                "source": f"weight FIFO {depth} x {width} bits "
+                                          "(BRAM as bram36(); pointers, loop-body and packing registers: ASSUMPTION)"}
     return units
 
 

@@ -123,15 +123,19 @@ def test_accel_errors_match_interpreter(tmp_path, axi_bits):
 
 # its own top build (~2.5 min); the fast-path streaming tests keep bit-exactness in the default suite
 @pytest.mark.slow
-def test_accel_streaming_errors_match_interpreter(tmp_path):
+@pytest.mark.parametrize("quant,intake", [("edge-moe-fixed", 1), ("w8a16-channel", 2)], ids=["beat", "intake2"])
+def test_accel_streaming_errors_match_interpreter(tmp_path, quant, intake):
     """Errors inside a streamed expert loop (HWConfig.weight_fifo_beats): the weights of a later
     expert outside the memory (SLVERR on beats the streamer fetched ahead into the FIFO) and a
     later expert's unaligned weights (the streamer stops before it) stop the RTL with the
-    executor's ERROR_CODE and ERROR_PC; a clean run follows bit-exact with the executor's bytes."""
+    executor's ERROR_CODE and ERROR_PC; a clean run follows bit-exact with the executor's bytes.
+    intake2: FIFO words of two beats (weight_intake_beats = 2; the error bit of a word is either
+    beat's)."""
     from conftest import cached_accel_verilog
     from edgemoe.quant.program import ERR_ADDRESS
     from edgemoe.sim.runner import run_cocotb
-    cfg, q, h, prog, path = tiny_program(tmp_path, weight_fifo_beats=2048)
+    cfg, q, h, prog, path = tiny_program(tmp_path, quant=quant, weight_fifo_beats=2048,
+                                         weight_intake_beats=intake)
     pc1, pc2 = prog.names.index("blocks.1.mlp.expert_fc1"), prog.names.index("blocks.3.mlp.expert_fc2")
     i1, i2 = prog.instrs[pc1], prog.instrs[pc2]
     cases = [(pc1, _patched_words(prog, pc1, stride=0x0800_0000)),     # expert >= 1 beyond the memory
