@@ -495,6 +495,100 @@ def calibrate(cfg, state_dict, images, base: QuantConfig, bits, margin_bits: int
     return choose_formats(cfg, obs, base, bits, margin_bits, param_margin_bits, name)
 
 
+# granularity "channel": the tensors stored at a QuantConfig format (quant/channel.py); LN
+# outputs, Q, K, V and the attention output have calibrated per-tensor scales instead. fc1's
+# outputs are gelu_in, kept equal to act here (the union of both ranges) as in the presets.
+CHANNEL_FIXED = {
+    "act": ("input", "patch_embed", "embed", ".proj", ".resid1", ".mlp.fc1", ".mlp.gelu", ".mlp.fc2",
+            ".mlp.expert_fc1", ".mlp.expert_gelu", ".mlp.expert_fc2", ".mlp.expert_weighted",
+            ".mlp.moe_partial", ".out"),
+    "gate_logit": (".mlp.gate_logits",),
+}
+CHANNEL_FIT = ("act", "gelu_in", "gate_logit", "ln_gamma", "ln_beta")
+
+
+def _suffix_range(obs: dict, sfx) -> tuple[float, float, str]:
+    lo, hi, where, m = 0.0, 0.0, "", -1.0
+    for name, (a, b) in obs["data"].items():
+        if any(name == x if not x.startswith(".") else name.endswith(x) for x in sfx):
+            lo, hi = min(lo, a), max(hi, b)
+            if max(abs(a), abs(b)) > m:
+                where, m = name, max(abs(a), abs(b))
+    return lo, hi, where
+
+
+def fit_channel_formats(cfg, base: QuantConfig, state_dicts, images, margin_bits: int = 1, *,
+                        tasks=None, name: str | None = None) -> tuple[QuantConfig, dict]:
+    """Refit a channel-granularity preset's fixed formats to one model: act (= gelu_in), gate_logit
+    from the float ranges of CHANNEL_FIXED's tensors on `images` (largest frac that holds them,
+    minus `margin_bits` spare integer bits), then ln_gamma / ln_beta to hold gamma and beta times
+    the LN outputs' calibrated gains act.lsb / s (quantize_channel's folding). Every other field
+    (internal formats, weight codes' width, approximators) is kept: the hardware is the same
+    generator with other constants. A preset fitted on both weight sets at once has to cover the
+    trained residual stream (|x| ~ 30): on seeded weights that costs 3 bits on every layer output."""
+    from .channel import CALIB_SYNTHETIC, default_act_scales
+
+    if base.granularity != "channel":
+        raise FormatError(f"fit_channel_formats: QuantConfig '{base.name}' has granularity "
+                          f"'{base.granularity}': only 'channel' presets store per-tensor scales "
+                          "(use choose_formats for 'class')")
+    if not isinstance(margin_bits, int) or margin_bits < 0:
+        raise FormatError(f"fit_channel_formats: margin_bits={margin_bits!r} must be a non-negative integer")
+    sds = state_dicts if isinstance(state_dicts, (list, tuple)) else [state_dicts]
+    obs = observe(cfg, sds, images, tasks)
+    choice = {}
+    for cls, sfx in CHANNEL_FIXED.items():
+        lo, hi, where = _suffix_range(obs, sfx)
+        if cls == "act":
+            for k in ("cls_token", "pos_embed"):            # stored as act codes
+                a, b = obs["params"][k]
+                lo, hi = min(lo, a), max(hi, b)
+        fmt0 = getattr(base, cls)
+        ff = fit_frac(cls, lo, hi, fmt0.bits, base.rounding)
+        frac = min(ff - margin_bits, fmt0.bits)
+        if frac < 0:
+            raise FormatError(f"fit_channel_formats: tensor class '{cls}': observed max |value| "
+                              f"{max(abs(lo), abs(hi)):.6g} ({where}) plus {margin_bits} spare bit(s) "
+                              f"needs more than {fmt0.bits} bits")
+        choice[cls] = ClassChoice(cls, "data", lo, hi, where, ff, Fmt(fmt0.bits, frac))
+    act = choice["act"].fmt
+    choice["gelu_in"] = ClassChoice("gelu_in", "data", choice["act"].lo, choice["act"].hi,
+                                    choice["act"].where, choice["act"].fit_frac, act, "= act")
+    q1 = base.replace(act=act, gelu_in=act, gate_logit=choice["gate_logit"].fmt)
+    # LN parameters as quantize_channel folds them: gamma, beta times act.lsb / s(LN output)
+    imgs, _ = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+    par = {"ln_gamma": [0.0, 0.0, ""], "ln_beta": [0.0, 0.0, ""]}
+    for sd in sds:
+        folded = fold_scales(cfg, sd)
+        sc = default_act_scales(cfg, q1, folded).scales
+        for i in range(cfg.depth):
+            for nm in ("norm1", "norm2"):
+                c = act.lsb / sc[f"blocks.{i}.{nm}"]
+                for p_, cls in (("weight", "ln_gamma"), ("bias", "ln_beta")):
+                    v = np.asarray(folded[f"blocks.{i}.{nm}.{p_}"], np.float64) * c
+                    r = par[cls]
+                    if max(abs(v.min()), abs(v.max())) > max(abs(r[0]), abs(r[1])):
+                        r[2] = f"blocks.{i}.{nm}.{p_}"
+                    r[0], r[1] = min(r[0], float(v.min())), max(r[1], float(v.max()))
+    for cls, (lo, hi, where) in par.items():
+        fmt0 = getattr(base, cls)
+        if lo == hi == 0.0:                      # all zero (seeded betas): any format holds it
+            choice[cls] = ClassChoice(cls, "param", 0.0, 0.0, "", None, fmt0, "all zero: kept from base")
+            continue
+        ff = fit_frac(cls, lo, hi, fmt0.bits, Rounding.HALF_EVEN)
+        choice[cls] = ClassChoice(cls, "param", lo, hi, where, ff, Fmt(fmt0.bits, min(ff, fmt0.bits)),
+                                  "times act.lsb / s of the LN output")
+    q = q1.replace(name=name or f"{base.name}-fit", ln_gamma=choice["ln_gamma"].fmt,
+                   ln_beta=choice["ln_beta"].fmt)
+    validate_config(cfg, q)
+    report = {"name": q.name, "model": cfg.name, "base": base.name, "margin_bits": margin_bits,
+              "runs": obs["runs"], "fitted": list(CHANNEL_FIT),
+              "classes": {c: choice[c].to_dict() for c in CHANNEL_FIT},
+              "base_formats": {c: str(getattr(base, c)) for c in CHANNEL_FIT},
+              "quant_config": q.to_dict()}
+    return q, report
+
+
 def calibration_images(cfg, synthetic: int = 2, eval_image: bool = True):
     """The fixed calibration set: the Cityscapes image of ../shared/edge-moe-cityscapes when
     present (and eval_image: it is also the default evaluation image of quant-report, eval and

@@ -194,6 +194,32 @@ QUANT_PRESETS: dict[str, QuantConfig] = {"edge-moe-fixed": EDGE_MOE_FIXED, "w8a1
 
 
 def get_quant_preset(name: str) -> QuantConfig:
+    """A preset by name, or a QuantConfig JSON file (a path ending in .json: the plain
+    QuantConfig.to_dict, or a calibration report holding it under "quant_config")."""
+    if str(name).endswith(".json"):
+        return load_quant_json(name)
     if name not in QUANT_PRESETS:
-        raise FormatError(f"unknown quant preset {name!r}; choose one of {sorted(QUANT_PRESETS)}")
+        raise FormatError(f"unknown quant preset {name!r}; choose one of {sorted(QUANT_PRESETS)} "
+                          "or a QuantConfig .json file")
     return QUANT_PRESETS[name]
+
+
+def load_quant_json(path) -> QuantConfig:
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FormatError(f"quant config file {str(p)!r} does not exist")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"quant config file {str(p)!r} is not JSON: {e}") from None
+    if isinstance(d, dict) and isinstance(d.get("quant_config"), dict):
+        d = d["quant_config"]
+    if not isinstance(d, dict) or "name" not in d:
+        raise FormatError(f"quant config file {str(p)!r} holds no QuantConfig (no 'name' field)")
+    try:
+        return QuantConfig.from_dict(d)
+    except TypeError as e:
+        raise FormatError(f"quant config file {str(p)!r}: {e}") from None

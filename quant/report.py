@@ -142,15 +142,55 @@ def _routing_changes(cfg, q: QuantConfig, golden_routing: dict, float_routing: d
     return out
 
 
-def _router_weights_real(q: QuantConfig, qw, key: str) -> np.ndarray:
-    """The router weights the datapath really applies, as reals in the folded (base-2) domain:
-    codes times the per-channel scale M * 2**-S * s_out / s_in (channel), or the format's LSB."""
+def _weights_real(q: QuantConfig, qw, key: str) -> np.ndarray:
+    """The weights the datapath really applies, as reals in the folded (base-2) domain: codes
+    times the per-output-channel scale M * 2**-S * s_out / s_in (channel), or the format's LSB.
+    Any rank: a scale per leading index (expert, output channel) broadcasts over the rest."""
     codes = np.asarray(qw.codes[key], np.float64)
     if q.granularity == "channel":
         ep = qw.epi[key]
-        s_w = ep.mult * np.exp2(-ep.shift.astype(np.float64)) * ep.out_scale / ep.in_scale
-        return codes * s_w[:, None]
+        s_w = np.asarray(ep.mult * np.exp2(-np.asarray(ep.shift, np.float64)) * ep.out_scale / ep.in_scale)
+        return codes * s_w.reshape(s_w.shape + (1,) * (codes.ndim - s_w.ndim))
     return codes * qw.fmt[key].lsb
+
+
+# the weight groups whose quantisation the routing attribution separates
+WEIGHT_GROUPS = ("patch_embed", "qkv", "proj", "mlp", "experts", "router")
+
+
+def weight_group(key: str) -> str | None:
+    """Which WEIGHT_GROUPS entry a folded weight key belongs to (None: not a matmul weight)."""
+    if key == "patch_embed.proj.weight":
+        return "patch_embed"
+    if not key.startswith("blocks.") or not key.endswith("weight") or ".norm" in key:
+        return None
+    for tag, g in ((".attn.qkv.", "qkv"), (".attn.proj.", "proj"), (".mlp.fc", "mlp"),
+                   (".mlp.htoh4_", "experts"), (".mlp.h4toh_", "experts"), (".mlp.router", "router")):
+        if tag in key:
+            return g
+    return None
+
+
+def _routing_weight_groups(cfg, q: QuantConfig, qw, folded: dict, image, trace, task: int) -> dict:
+    """Float forwards with one weight group replaced by the weights the datapath applies (and one
+    with all of them): tokens, summed over the MoE blocks, whose top-k set differs from the float
+    model's. Says which layers' 8-bit weights move the routing (biases, LayerNorm and the
+    activations stay float)."""
+    from .calibrate import float_forward
+
+    keys = {k: weight_group(k) for k in folded if weight_group(k) and k in qw.codes}
+
+    def flips(groups) -> int:
+        f2 = dict(folded)
+        for k, g in keys.items():
+            if g in groups:
+                f2[k] = _weights_real(q, qw, k).reshape(np.shape(folded[k]))
+        r = float_forward(cfg, f2, image, task).routing
+        return sum(int(np.any(np.sort(r[b]["topk_idx"], 1) != np.sort(trace.routing[b]["topk_idx"], 1),
+                              axis=1).sum()) for b in cfg.moe_blocks)
+
+    present = [g for g in WEIGHT_GROUPS if g in keys.values()]
+    return {"all": flips(set(present)), **{g: flips({g}) for g in present}}
 
 
 def _routing_attribution(cfg, q: QuantConfig, qw, folded: dict, trace, tensors: dict, task: int) -> dict:
@@ -170,7 +210,7 @@ def _routing_attribution(cfg, q: QuantConfig, qw, folded: dict, trace, tensors: 
             emb = np.asarray(folded[f"{pre}.mlp.task_embed.weight"], np.float64)[task]
             h_f, h_g = (np.concatenate([h, np.broadcast_to(emb, (h.shape[0], emb.size))], 1) for h in (h_f, h_g))
         w_f = np.asarray(folded[key], np.float64)
-        w_q = _router_weights_real(q, qw, key)
+        w_q = _weights_real(q, qw, key)
         ref = topk(h_f @ w_f.T)
         out[str(b)] = {"router_weights_only": int(np.any(topk(h_f @ w_q.T) != ref, axis=1).sum()),
                        "router_input_only": int(np.any(topk(h_g @ w_f.T) != ref, axis=1).sum())}
@@ -216,7 +256,8 @@ def fidelity_run(cfg, q: QuantConfig, qw, ref: dict, image: np.ndarray, task: in
             "saturated_tensors": {k: v for k, v in sat.items() if v["saturated"]},
             "saturation": sat,
             "routing": _routing_changes(cfg, q, res.routing, ref["routing"]),
-            "routing_attribution": _routing_attribution(cfg, q, qw, ref["folded"], tr, res.tensors, task)}
+            "routing_attribution": _routing_attribution(cfg, q, qw, ref["folded"], tr, res.tensors, task),
+            "routing_weight_groups": _routing_weight_groups(cfg, q, qw, ref["folded"], image, tr, task)}
 
 
 def float_reference(cfg, weights: Weights, folded: dict, image: np.ndarray, task: int) -> dict:
@@ -279,6 +320,10 @@ def quant_report(cfg, weights: Weights, quants, image, image_desc: str, tasks=No
                     v["router_weights_only"] for r in runs for v in r["routing_attribution"].values()),
                 "routing_changed_router_input_only": sum(
                     v["router_input_only"] for r in runs for v in r["routing_attribution"].values()),
+                # float forwards with only one weight group quantised (quant-report's attribution)
+                "routing_changed_weight_groups": {
+                    g: sum(r["routing_weight_groups"].get(g, 0) for r in runs)
+                    for g in runs[0]["routing_weight_groups"]},
                 "golden_seconds_mean": sum(r["golden_seconds"] for r in runs) / len(runs),
                 "qkv_absmax_float": max(b["qkv_absmax_float"] for r in runs for b in r["blocks"]),
             }}
@@ -390,6 +435,10 @@ def format_summary(rep: dict) -> str:
                      f"attribution (float top-k, one side quantised): router weights only "
                      f"{s['routing_changed_router_weights_only']}, router input (upstream error) only "
                      f"{s['routing_changed_router_input_only']}")
+        wg = s["routing_changed_weight_groups"]
+        lines.append("routing changes in float with only these weights quantised: "
+                     + ", ".join(f"{g} {n}" for g, n in wg.items() if g != "all")
+                     + f"; all of them {wg['all']}")
         cal = p.get("activation_calibration")
         if cal:
             clip = cal["clipping"]

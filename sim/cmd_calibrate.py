@@ -1,4 +1,6 @@
-"""`edgemoe calibrate`: choose per-tensor-class fixed-point formats from observed float ranges."""
+"""`edgemoe calibrate`: choose per-tensor-class fixed-point formats from observed float ranges;
+--fit: refit a channel-granularity preset's fixed formats to one model (a QuantConfig JSON that
+every command takes as --quant PATH)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +23,12 @@ def add_arguments(p):
     p.add_argument("--task", default="all", help="task name or index, or 'all' (default)")
     p.add_argument("--name", help="name of the resulting QuantConfig (default: the bits preset's)")
     p.add_argument("--json", metavar="PATH", help="write the report (and the QuantConfig) as JSON")
+    p.add_argument("--fit", action="store_true",
+                   help="refit --base (a channel-granularity preset, e.g. w8a16-gptq) to these weights: "
+                        "act = gelu_in, gate_logit, ln_gamma, ln_beta; calibrated on images held out from "
+                        "the evaluation image (--bits, --synthetic and --param-margin do not apply)")
+    p.add_argument("--out-quant", metavar="PATH",
+                   help="write the resulting QuantConfig as JSON (use it as --quant PATH)")
     p.add_argument("--python", action="store_true", help="print the preset as quant/config.py writes it")
 
 
@@ -41,6 +49,8 @@ def run(args) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"edgemoe calibrate: {e}")
     tasks = None if args.task == "all" else [int(args.task) if args.task.isdigit() else args.task]
+    if args.fit:
+        return _run_fit(args, cfg, base, weights, tasks)
     images, descs = calibration_images(cfg, args.synthetic)
     q, rep = calibrate(cfg, [w.state_dict for w in weights], images, base, args.bits, args.margin,
                        tasks=tasks, param_margin_bits=args.param_margin, name=args.name)
@@ -57,10 +67,42 @@ def run(args) -> int:
         rep["matches_stored_preset"] = same
     if args.python:
         print(preset_literal(q, base))
+    _write_outputs(args, q, rep, weights, descs)
+    return 0
+
+
+def _write_outputs(args, q, rep, weights, descs) -> None:
+    """--json: the report (with the weights and images used); --out-quant: the QuantConfig."""
     if args.json:
         rep["weights"] = [{"kind": w.kind, "banner": w.banner, "random_tensors": w.random} for w in weights]
         rep["images"] = descs
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rep, indent=1))
         print(f"wrote {args.json}")
+    if args.out_quant:
+        Path(args.out_quant).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_quant).write_text(json.dumps(q.to_dict(), indent=1))
+        print(f"wrote {args.out_quant} (QuantConfig '{q.name}': pass it as --quant {args.out_quant})")
+
+
+def _run_fit(args, cfg, base, weights, tasks) -> int:
+    from edgemoe.quant.calibrate import calibration_images, fit_channel_formats
+    from edgemoe.quant.channel import CALIB_SYNTHETIC
+    from edgemoe.quant.fixed import FormatError
+
+    images, descs = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+    name = args.name or f"{base.name}-fit-{'-'.join(w.kind for w in weights)}"
+    try:
+        q, rep = fit_channel_formats(cfg, base, [w.state_dict for w in weights], images, args.margin,
+                                     tasks=tasks, name=name)
+    except FormatError as e:
+        raise SystemExit(f"edgemoe calibrate --fit: {e}")
+    for w in weights:
+        print(("WARNING: " if w.random else "") + w.banner)
+    print(f"'{q.name}': '{base.name}' refitted to {cfg.name} ({rep['runs']} float runs on: "
+          + "; ".join(descs) + f"), {args.margin} spare integer bit(s) on data classes")
+    for c, v in rep["classes"].items():
+        print(f"  {c:10s} {rep['base_formats'][c]:>7s} -> {v['fmt']:<7s} max |x| {v['observed_max_abs']:.4g}"
+              + (f" ({v['max_tensor']})" if v["max_tensor"] else "") + (f"; {v['note']}" if v["note"] else ""))
+    _write_outputs(args, q, rep, weights, descs)
     return 0

@@ -22,7 +22,8 @@ def _weights(cfg, args):
     if kind in ("seeded", "edge-moe-bin") and len(rest) <= (kind == "edge-moe-bin"):
         from edgemoe.quant.report import load_weights
         w = load_weights(cfg, kind, args.seed, rest[0] if rest else None)
-        return w.state_dict, w.banner
+        # the banner reads "weights: ..." on its own; callers print "weights: {desc}"
+        return w.state_dict, w.banner.removeprefix("weights: ")
     if kind == "ckpt" and len(rest) == 1:
         from edgemoe.model.checkpoint import load_backbone
         return load_backbone(cfg, rest[0], "edgemoe-ckpt").state_dict, f"checkpoint {rest[0]}"

@@ -17,9 +17,10 @@ import torch
 from edgemoe.model import get_preset
 from edgemoe.model.checkpoint import default_edge_moe_dir
 from edgemoe.model.data import make_scene
-from edgemoe.quant.calibrate import (BITS_PRESETS, calibrate, calibration_images, choose_formats,
-                             float_forward, format_report, observe, preset_literal, validate_config)
-from edgemoe.quant.config import EDGE_MOE_FIXED, QUANT_PRESETS, W8A16
+from edgemoe.quant.calibrate import (BITS_PRESETS, CHANNEL_FIT, calibrate, calibration_images, choose_formats,
+                             fit_channel_formats, float_forward, format_report, observe, preset_literal,
+                             validate_config)
+from edgemoe.quant.config import EDGE_MOE_FIXED, QUANT_PRESETS, W8A16, QuantConfig
 from edgemoe.quant.fixed import Fmt, FormatError
 from edgemoe.quant.golden import GoldenModel
 from edgemoe.quant.qweights import fold_scales, quantize_weights, tensor_class
@@ -244,3 +245,83 @@ def test_w8a16_calibrated_on_seeded_weights(edge):
     ref = float_reference(cfg, seeded, fold_scales(cfg, seeded.state_dict), x, 0)
     r = fidelity_run(cfg, q, quantize_weights(cfg, q, seeded.state_dict), ref, x, 0)
     assert r["final"]["cosine"] >= 0.997 and r["saturated_total"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fit_channel_formats: a channel-granularity preset refitted to one model
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_fit():
+    from edgemoe.quant.channel import CALIB_SYNTHETIC
+    from edgemoe.quant.config import W8A16_CHANNEL
+    cfg = get_preset("tiny")
+    sd = load_weights(cfg, "seeded").state_dict
+    imgs, _ = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+    q, rep = fit_channel_formats(cfg, W8A16_CHANNEL, sd, imgs)
+    return cfg, sd, imgs, W8A16_CHANNEL, q, rep
+
+
+def test_fit_channel_formats_tight_and_only_its_fields(tiny_fit):
+    cfg, sd, imgs, base, q, rep = tiny_fit
+    # only the fitted fields move; the seeded residual stream needs far less range than s16.9
+    assert {k for k, v in q.to_dict().items() if base.to_dict()[k] != v} <= {"name", *CHANNEL_FIT}
+    assert q.act == q.gelu_in and q.act.frac > base.act.frac and q.gate_logit.frac > base.gate_logit.frac
+    assert q.name == "w8a16-channel-fit" and set(rep["classes"]) == set(CHANNEL_FIT)
+    for c in ("act", "gate_logit"):                       # 1 spare integer bit (margin_bits=1)
+        assert rep["classes"][c]["fit_frac"] == getattr(q, c).frac + 1, c
+    qw = quantize_weights(cfg, q, sd)
+    assert qw.sat.saturated() == 0
+    runs = [(im, t) for im in imgs for t in range(cfg.num_tasks)]
+    for im, t in runs:
+        assert GoldenModel(cfg, q, qw).forward(im, t).sat.saturated() == 0
+    # two bits finer than chosen (one past the fit): the calibration data saturates
+    for c in ("act", "gate_logit"):
+        f = Fmt(16, getattr(q, c).frac + 2)
+        qn = q.replace(act=f, gelu_in=f) if c == "act" else q.replace(gate_logit=f)
+        gm = GoldenModel(cfg, qn, quantize_weights(cfg, qn, sd))
+        assert sum(gm.forward(im, t).sat.saturated() for im, t in runs) > 0, c
+    # LN gamma (times act.lsb / s): margin 0, one bit finer saturates its codes
+    ff = rep["classes"]["ln_gamma"]["fit_frac"]
+    assert q.ln_gamma.frac == ff
+    qn = q.replace(ln_gamma=Fmt(16, ff + 1))
+    assert sum(quantize_weights(cfg, qn, sd).sat.saturated(k) for k in sd if k.endswith(("norm1.weight", "norm2.weight"))) > 0
+    with pytest.raises(FormatError, match="granularity 'class'"):
+        fit_channel_formats(cfg, W8A16, sd, imgs)
+    with pytest.raises(FormatError, match="margin_bits"):
+        fit_channel_formats(cfg, base, sd, imgs, margin_bits=-1)
+
+
+def test_quant_config_json_files(tmp_path, tiny_fit):
+    from edgemoe.quant.config import get_quant_preset
+    q, rep = tiny_fit[4], tiny_fit[5]
+    plain, wrapped = tmp_path / "q.json", tmp_path / "rep.json"
+    plain.write_text(json.dumps(q.to_dict()))
+    wrapped.write_text(json.dumps(rep))
+    assert get_quant_preset(str(plain)) == q and get_quant_preset(str(wrapped)) == q
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "empty.json").write_text("{}")
+    for name, msg in (("missing.json", "does not exist"), ("bad.json", "is not JSON"),
+                      ("empty.json", "no QuantConfig")):
+        with pytest.raises(FormatError, match=msg):
+            get_quant_preset(str(tmp_path / name))
+    d = q.to_dict()
+    del d["act"]
+    (tmp_path / "noact.json").write_text(json.dumps(d))
+    with pytest.raises(FormatError, match="'act' has no format"):
+        get_quant_preset(str(tmp_path / "noact.json"))
+
+
+def test_calibrate_fit_cli_feeds_quant_report(tmp_path, capsys):
+    from edgemoe.sim.cli import main
+    qf = tmp_path / "fit.json"
+    assert main(["calibrate", "--preset", "tiny", "--base", "w8a16-gptq", "--fit", "--out-quant", str(qf)]) == 0
+    text = capsys.readouterr().out
+    assert "'w8a16-gptq-fit-seeded'" in text and "act" in text and str(qf) in text
+    q = QuantConfig.from_dict(json.loads(qf.read_text()))
+    assert q.weight_rounding == "gptq" and q.act.frac > 9
+    out = tmp_path / "qr"
+    assert main(["quant-report", "--preset", "tiny", "--quant", str(qf), "--task", "0", "--out", str(out)]) == 0
+    r = json.loads((out / "quant_report.json").read_text())
+    assert r["presets"][q.name]["formats"]["act"] == str(q.act)
+    with pytest.raises(SystemExit, match="granularity"):
+        main(["calibrate", "--preset", "tiny", "--base", "w8a16", "--fit"])

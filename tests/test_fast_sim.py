@@ -254,6 +254,33 @@ def test_fast_w8a16_channel_tiny_bit_exact(tmp_path, qname):
         np.testing.assert_array_equal(run_program(prog, image, task).features, gm.forward(image, task).features)
 
 
+def test_fast_fitted_formats_tiny_bit_exact(tmp_path):
+    """A channel preset refitted to the model (quant.calibrate.fit_channel_formats: act, gelu_in,
+    gate_logit, ln_gamma, ln_beta; `edgemoe calibrate --fit`) is a new numeric contract: its
+    Verilog, generated from it, runs tiny bit-exact on both tasks, saturating nothing."""
+    from conftest import cached_accel_verilog
+    from edgemoe.quant.calibrate import calibration_images, fit_channel_formats
+    from edgemoe.quant.channel import CALIB_SYNTHETIC
+    from edgemoe.quant.compiler import compile_program, synthetic_state_dict
+    from edgemoe.quant.qweights import quantize_weights
+    from edgemoe.sim.rtl_sim import simulate
+    cfg, base = get_preset("tiny"), get_quant_preset("w8a16-channel")
+    sd = synthetic_state_dict(cfg, 0)
+    imgs, _ = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+    q, _ = fit_channel_formats(cfg, base, sd, imgs)
+    assert q.act.frac > base.act.frac and q.gate_logit != base.gate_logit and q.ln_gamma != base.ln_gamma
+    h = get_hw_preset("small-8x8").replace(act_buffer_tokens=16)
+    qw = quantize_weights(cfg, q, sd)
+    prog = compile_program(cfg, q, h, qw)
+    rep = simulate(prog, image=_image(cfg, seed=2), out_dir=tmp_path, progress=False,
+                   verilog=cached_accel_verilog(cfg, q, h), fast=True)
+    for task in cfg.tasks:
+        r = rep["tasks"][task]
+        assert r["bit_exact"] and r["mismatches"] == 0, (task, r["first_mismatch"])
+        assert r["elements"] == cfg.num_tokens * cfg.dim and abs(r["model_error"]) < 0.01
+        assert r["golden_sat"] == 0 and r["sat_count"] == 0
+
+
 # 8x4-l4 (half-word result slices, narrow LayerNorm lanes) stays in the default suite; the
 # other two shapes are a build each (~1 min): make test-slow
 NON_SQUARE = [("small-8x4", "w8a16-channel", {}),

@@ -11,7 +11,8 @@ from edgemoe.model.checkpoint import default_edge_moe_dir
 from edgemoe.quant.config import EDGE_MOE_FIXED, W8A16
 from edgemoe.quant.golden import GoldenModel
 from edgemoe.quant.qweights import quantize_weights
-from edgemoe.quant.report import (RANDOM_EXPERTS, _router_weights_real, _routing_attribution, _routing_changes,
+from edgemoe.quant.report import (RANDOM_EXPERTS, WEIGHT_GROUPS, _routing_attribution, _routing_changes,
+                                  _routing_weight_groups, _weights_real, weight_group,
                                   float_reference, load_weights, metrics)
 from edgemoe.sim.cli import main
 
@@ -57,7 +58,7 @@ def test_routing_attribution_sides(qname):
     res = GoldenModel(cfg, q, qw).forward(x, 0, keep=True)
     for b in cfg.moe_blocks:
         key = f"blocks.{b}.mlp.routers.0.weight"
-        wf, wq = np.asarray(folded[key], np.float64), _router_weights_real(q, qw, key)
+        wf, wq = np.asarray(folded[key], np.float64), _weights_real(q, qw, key)
         step = (np.abs(wf).max(1, keepdims=True) / 127 if q.granularity == "channel"
                 else q.linear_w.lsb)
         assert np.all(np.abs(wq - wf) <= 0.5 * step * (1 + 1e-3)) and not np.array_equal(wq, wf)
@@ -70,6 +71,51 @@ def test_routing_attribution_sides(qname):
         for b in cfg.moe_blocks}}})()
     assert all(v["router_input_only"] == 0
                for v in _routing_attribution(cfg, q, qw, folded, tr, res.tensors, 0).values())
+
+
+@pytest.mark.parametrize("qname", ["w8a16", "w8a16-channel"])
+def test_routing_weight_groups(qname):
+    """Every matmul weight of every group, applied as the datapath applies it, is the float one
+    to half a step (experts and the 4-D patch embedding included). Wrecking the router's codes
+    moves the router-only and all-groups counts and leaves every other group's count as it was."""
+    from dataclasses import replace
+
+    from edgemoe.quant.config import get_quant_preset
+    from edgemoe.quant.qweights import fold_scales
+    cfg = get_preset("tiny")
+    q = get_quant_preset(qname)
+    w = load_weights(cfg, "seeded")
+    folded = fold_scales(cfg, w.state_dict)
+    qw = quantize_weights(cfg, q, w.state_dict)
+    groups = {weight_group(k) for k in folded} - {None}
+    assert groups == set(WEIGHT_GROUPS)
+    for k in folded:
+        if weight_group(k) is None:
+            continue
+        wf = np.asarray(folded[k], np.float64)
+        wq = _weights_real(q, qw, k).reshape(wf.shape)
+        # per output channel (per expert and channel): the reduction axes of the scale's max
+        axes = (1, 2, 3) if wf.ndim == 4 else (wf.ndim - 1,)
+        if q.granularity == "channel":
+            # half a step, plus the code (<= 127) times the epilogue multiplier's rounding
+            # (M has mult_bits bits, M >= 2**(mult_bits-1))
+            step = np.abs(wf).max(axis=axes, keepdims=True) / 127
+            tol = step * (0.5 + 127 * 2.0 ** -(q.mult_bits - 1))
+        else:
+            tol = 0.5 * qw.fmt[k].lsb
+        assert np.all(np.abs(wq - wf) <= tol), k
+    x = np.random.default_rng(5).random((3, cfg.img_h, cfg.img_w))
+    tr = float_reference(cfg, w, folded, x, 0)["trace"]
+    base = _routing_weight_groups(cfg, q, qw, folded, x, tr, 0)
+    assert set(base) == {"all", *WEIGHT_GROUPS}
+    assert all(0 <= n <= len(cfg.moe_blocks) * cfg.num_tokens for n in base.values())
+    codes = {k: (-v if weight_group(k) == "router" else v) for k, v in qw.codes.items()}
+    bad = _routing_weight_groups(cfg, q, replace(qw, codes=codes), folded, x, tr, 0)
+    # negated router weights rank the experts backwards: nearly every token's set changes
+    assert bad["router"] >= 0.9 * len(cfg.moe_blocks) * cfg.num_tokens > base["router"]
+    assert bad["all"] > base["all"]
+    assert {g: n for g, n in bad.items() if g not in ("router", "all")} == \
+        {g: n for g, n in base.items() if g not in ("router", "all")}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +145,7 @@ def test_cli_tiny_writes_json_and_png(tiny_report):
             assert all(0 <= v["material"] <= v["changed_tokens"] <= v["tokens"] == cfg.num_tokens
                        for v in r["routing"].values())
             assert set(r["routing_attribution"]) == set(r["routing"])
+            assert set(r["routing_weight_groups"]) == {"all", *WEIGHT_GROUPS}
             for key in ("blocks.0.qkv", "blocks.0.scores", "blocks.0.attn_out", "blocks.0.proj",
                         "blocks.0.mlp.fc2", "blocks.1.mlp.moe_out", "blocks.1.mlp.gate_logits", "blocks.3.out"):
                 assert -1 <= r["layers"][key]["cosine"] <= 1 + 1e-12
