@@ -127,6 +127,8 @@ def check_buildable(cfg, qcfg: QuantConfig, hwcfg: HWConfig):
         raise HWConfigError(f"HWConfig '{hwcfg.name}': an instruction ({8 * INSTR_BYTES} bits) spans whole "
                             f"beats of the AXI4 port: axi_data_bits must be 32..{8 * INSTR_BYTES}, "
                             f"got {hwcfg.axi_data_bits}")
+    from .compute import compute_geometry
+    compute_geometry(qcfg, hwcfg, cfg)     # e.g. weight_intake_beats against this port's beats
     return accel_plan(cfg, qcfg, hwcfg)
 
 

@@ -12,6 +12,9 @@ def add_arguments(p):
     p.add_argument("--axi-data-bits", type=int, default=None,
                    help="override HWConfig.axi_data_bits: the AXI4 port width, 32..256 (e.g. 128 for "
                         "a ZCU102 HP port without width conversion; the program is laid out for it)")
+    p.add_argument("--weight-intake-beats", type=int, default=None,
+                   help="override HWConfig.weight_intake_beats (beats per cycle from the weight FIFO; "
+                        "e.g. 1 with --axi-data-bits 128, where a 7-beat column header admits no other)")
     p.add_argument("--task", default="all", help="task name(s), comma separated, or 'all'")
     p.add_argument("--weights", nargs="+", default=None, metavar="KIND",
                    help="as `edgemoe compile --weights` (default: checkpoints/tiny.pt for tiny, "
@@ -64,6 +67,8 @@ def run(args) -> int:
             hw = hw.replace(act_buffer_tokens=args.act_buffer_tokens)
         if args.axi_data_bits is not None:
             hw = hw.replace(axi_data_bits=args.axi_data_bits)
+        if args.weight_intake_beats is not None:
+            hw = hw.replace(weight_intake_beats=args.weight_intake_beats)
         if args.fast:
             from edgemoe.sim.fast_sim import check_options
             check_options(args.simulator, hw)         # FastSimOptionError is a ValueError

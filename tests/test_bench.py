@@ -43,5 +43,11 @@ def test_bench_fidelity_tiny(capsys):
         assert 0.999 <= v["final_cosine_min"] <= 1.0 and 0.0 <= v["routing_changed"] <= 1.0
         assert len(v["final_sqnr_db"]) == 2
     assert min(g["final_sqnr_db"]) > min(n["final_sqnr_db"])
+    # each refitted to the seeded weights: finer act, and closer to float than the preset
+    for qn in ("w8a16-channel", "w8a16-gptq"):
+        f = r["seeded"][qn + "-fit"]
+        assert int(f["formats"]["act"].split(".")[1]) > int(r["seeded"][qn]["formats"]["act"].split(".")[1])
+        assert min(f["final_sqnr_db"]) > min(r["seeded"][qn]["final_sqnr_db"])
+        assert set(f["weight_groups"]) >= {"all", "router"}
     out = capsys.readouterr().out
     assert "w8a16-gptq" in out and "<= 0.5 %" in out

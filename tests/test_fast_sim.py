@@ -156,6 +156,17 @@ def test_simulate_cli_fast_bad_option(capsys):
     assert main(["simulate", "--preset", "tiny", "--fast", "--axi-data-bits", "64"]) == 2
     out = capsys.readouterr().out
     assert "edgemoe simulate: error:" in out and "not axi_data_bits = 64" in out
+    # 4-beat FIFO words against a 128-bit port's 7-beat column header: named, nothing built;
+    # --weight-intake-beats 1 is the way out
+    args = ["simulate", "--preset", "edge-moe", "--hw", "zcu102-w8-64x16-stream", "--quant", "w8a16-channel",
+            "--fast", "--axi-data-bits", "128"]
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert "edgemoe simulate: error:" in out and "weight_intake_beats = 4 must divide" in out
+    from edgemoe.hw.accel import check_buildable
+    from edgemoe.hw.config import get_hw_preset
+    h = get_hw_preset("zcu102-w8-64x16-stream").replace(axi_data_bits=128, weight_intake_beats=1)
+    check_buildable(get_preset("edge-moe"), get_quant_preset("w8a16-channel"), h)
 
 
 def _edge_moe_verilog(q, h):

@@ -219,7 +219,9 @@ def test_synth_accel_tiny_resource_baseline(tmp_path):
     ("synth_accel_edge_moe.json", "edge-moe-fixed", "zcu102-16x16"),
     ("synth_accel_edge_moe_w8.json", "w8a16-channel", "zcu102-w8-32x32"),
     # a prediction: the 8-bit MAC array is calibrated on the 32x32 top, not on this one
-    ("synth_accel_edge_moe_w8_64x16.json", "w8a16-channel", "zcu102-w8-64x16")])
+    ("synth_accel_edge_moe_w8_64x16.json", "w8a16-channel", "zcu102-w8-64x16"),
+    # the fastest design: 64x16 with the 16384-beat weight FIFO (4 beats per word)
+    ("synth_accel_edge_moe_w8_64x16_stream.json", "w8a16-channel", "zcu102-w8-64x16-stream")])
 def test_resource_model_matches_synthesised_top(baseline, quant, hw):
     """sim/resources.py (used by the sweep and the power model) against the real synthesis of
     the whole edge-moe top (tests/baselines/, `edgemoe synth --top`): within 10 % per resource;
