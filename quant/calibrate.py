@@ -89,10 +89,14 @@ _CLASS_SUFFIXES = {
 }
 
 
+def _matches(name: str, sfx) -> bool:
+    """Whether a float-trace name is one of `sfx`: whole names, or ".suffix" endings."""
+    return any(name == s if not s.startswith(".") else name.endswith(s) for s in sfx)
+
+
 def data_classes(name: str) -> list[str]:
     """The tensor classes a float-trace tensor belongs to (QKV is both act and attn_in)."""
-    return [c for c, sfx in _CLASS_SUFFIXES.items()
-            if any(name == s if not s.startswith(".") else name.endswith(s) for s in sfx)]
+    return [c for c, sfx in _CLASS_SUFFIXES.items() if _matches(name, sfx)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +514,7 @@ CHANNEL_FIT = ("act", "gelu_in", "gate_logit", "ln_gamma", "ln_beta")
 def _suffix_range(obs: dict, sfx) -> tuple[float, float, str]:
     lo, hi, where, m = 0.0, 0.0, "", -1.0
     for name, (a, b) in obs["data"].items():
-        if any(name == x if not x.startswith(".") else name.endswith(x) for x in sfx):
+        if _matches(name, sfx):
             lo, hi = min(lo, a), max(hi, b)
             if max(abs(a), abs(b)) > m:
                 where, m = name, max(abs(a), abs(b))
@@ -526,7 +530,7 @@ def fit_channel_formats(cfg, base: QuantConfig, state_dicts, images, margin_bits
     (internal formats, weight codes' width, approximators) is kept: the hardware is the same
     generator with other constants. A preset fitted on both weight sets at once has to cover the
     trained residual stream (|x| ~ 30): on seeded weights that costs 3 bits on every layer output."""
-    from .channel import CALIB_SYNTHETIC, default_act_scales
+    from .channel import default_act_scales
 
     if base.granularity != "channel":
         raise FormatError(f"fit_channel_formats: QuantConfig '{base.name}' has granularity "
@@ -555,8 +559,9 @@ def fit_channel_formats(cfg, base: QuantConfig, state_dicts, images, margin_bits
     choice["gelu_in"] = ClassChoice("gelu_in", "data", choice["act"].lo, choice["act"].hi,
                                     choice["act"].where, choice["act"].fit_frac, act, "= act")
     q1 = base.replace(act=act, gelu_in=act, gate_logit=choice["gate_logit"].fmt)
-    # LN parameters as quantize_channel folds them: gamma, beta times act.lsb / s(LN output)
-    imgs, _ = calibration_images(cfg, synthetic=CALIB_SYNTHETIC, eval_image=False)
+    # LN parameters as quantize_channel folds them: gamma, beta times act.lsb / s(LN output),
+    # s from default_act_scales (its own held-out set, whatever `images` is: the scales
+    # quantize_channel will use)
     par = {"ln_gamma": [0.0, 0.0, ""], "ln_beta": [0.0, 0.0, ""]}
     for sd in sds:
         folded = fold_scales(cfg, sd)

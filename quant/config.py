@@ -221,5 +221,5 @@ def load_quant_json(path) -> QuantConfig:
         raise FormatError(f"quant config file {str(p)!r} holds no QuantConfig (no 'name' field)")
     try:
         return QuantConfig.from_dict(d)
-    except TypeError as e:
+    except (TypeError, ValueError, KeyError) as e:     # unknown field, bad format or mode
         raise FormatError(f"quant config file {str(p)!r}: {e}") from None

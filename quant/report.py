@@ -322,7 +322,7 @@ def quant_report(cfg, weights: Weights, quants, image, image_desc: str, tasks=No
                     v["router_input_only"] for r in runs for v in r["routing_attribution"].values()),
                 # float forwards with only one weight group quantised (quant-report's attribution)
                 "routing_changed_weight_groups": {
-                    g: sum(r["routing_weight_groups"].get(g, 0) for r in runs)
+                    g: sum(r["routing_weight_groups"][g] for r in runs)
                     for g in runs[0]["routing_weight_groups"]},
                 "golden_seconds_mean": sum(r["golden_seconds"] for r in runs) / len(runs),
                 "qkv_absmax_float": max(b["qkv_absmax_float"] for r in runs for b in r["blocks"]),

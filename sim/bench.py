@@ -275,7 +275,8 @@ def bench_fidelity(preset: str = "edge-moe", quants=("w8a16-channel", "w8a16-gpt
                              "router_input_only": sm["routing_changed_router_input_only"],
                              "weight_groups": sm["routing_changed_weight_groups"],
                              "formats": {k: p["formats"][k] for k in ("act", "gate_logit", "ln_gamma")}}
-            print(f"{kind:>13}  {qn:<18} act {p['formats']['act']}, gate_logit {p['formats']['gate_logit']}: final cosine {sm['final_cosine_min']:.6f} (>= 0.999: "
+            print(f"{kind:>13}  {qn:<18} act {p['formats']['act']}, gate_logit {p['formats']['gate_logit']}: "
+                  f"final cosine {sm['final_cosine_min']:.6f} (>= 0.999: "
                   f"{sm['final_cosine_min'] >= 0.999}), SQNR {' / '.join(f'{v:.1f}' for v in sq)} dB, "
                   f"routing changed {sm['routing_changed_tokens']}/{sm['routing_tokens']} = {frac:.2%} "
                   f"(<= 0.5 %: {frac <= 0.005}; router weights only {sm['routing_changed_router_weights_only']}, "

@@ -309,6 +309,10 @@ def test_quant_config_json_files(tmp_path, tiny_fit):
     (tmp_path / "noact.json").write_text(json.dumps(d))
     with pytest.raises(FormatError, match="'act' has no format"):
         get_quant_preset(str(tmp_path / "noact.json"))
+    d = {**q.to_dict(), "rounding": "sideways"}
+    (tmp_path / "badmode.json").write_text(json.dumps(d))
+    with pytest.raises(FormatError, match="badmode.json.*sideways"):
+        get_quant_preset(str(tmp_path / "badmode.json"))
 
 
 def test_calibrate_fit_cli_feeds_quant_report(tmp_path, capsys):

@@ -98,9 +98,9 @@ def test_routing_weight_groups(qname):
         axes = (1, 2, 3) if wf.ndim == 4 else (wf.ndim - 1,)
         if q.granularity == "channel":
             # half a step, plus the code (<= 127) times the epilogue multiplier's rounding
-            # (M has mult_bits bits, M >= 2**(mult_bits-1))
+            # (M rounded to mult_bits significant bits: relative error <= 2**-mult_bits)
             step = np.abs(wf).max(axis=axes, keepdims=True) / 127
-            tol = step * (0.5 + 127 * 2.0 ** -(q.mult_bits - 1))
+            tol = step * (0.5 + 127 * 2.0 ** -q.mult_bits)
         else:
             tol = 0.5 * qw.fmt[k].lsb
         assert np.all(np.abs(wq - wf) <= tol), k
